@@ -1,0 +1,54 @@
+"""The `qatgguf` command. Each subcommand lives in `qatgguf.commands.<name>` and defines
+`add_parser(subparsers)` and `run(args) -> int`; subcommands import their heavy
+dependencies only when they run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+
+from qatgguf import __version__
+from qatgguf.errors import QatGgufError
+
+# (subcommand, module under qatgguf.commands)
+COMMANDS: tuple[tuple[str, str], ...] = (
+    ("fixtures", "fixtures"),
+    ("convert", "convert"),
+    ("eval", "eval"),
+    ("lattice", "lattice"),
+    ("release", "release"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qatgguf", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"qatgguf {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for _name, module in COMMANDS:
+        if importlib.util.find_spec(f"qatgguf.commands.{module}") is None:  # TEMP until all land
+            continue
+        mod = importlib.import_module(f"qatgguf.commands.{module}")
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.run(args) or 0)
+    except QatGgufError as exc:
+        print(f"qatgguf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Quantization kernels: one registry of GGML types, byte layout as GGUF stores it."""
+
+from __future__ import annotations
+
+from qatgguf.quant.api import dequantize, quantize, resolve_type
+
+__all__ = ["quantize", "dequantize", "resolve_type"]

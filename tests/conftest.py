@@ -1,0 +1,20 @@
+"""Shared fixtures: the built-in tiny QAT family (built once, cached by content hash)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("QATGGUF_CACHE", Path.home() / ".cache" / "qatgguf"))
+
+
+@pytest.fixture(scope="session")
+def tiny_family() -> dict[str, Path]:
+    """{model name: checkpoint dir} for the five tiny Gemma 4 QAT sizes."""
+    from qatgguf.fixtures import build_family
+
+    return build_family(_cache_root() / "fixtures")
