@@ -1,0 +1,82 @@
+"""Assembly: GGUF header from the plan, tensor bytes copied from the parts in plan order,
+each tensor's sha256 checked on the way; written under a temporary name, renamed at the end."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Sequence
+
+from qatgguf.convert.plan import ConversionPlan
+from qatgguf.convert.shard import read_manifest
+from qatgguf.errors import GGUFWriteError
+from qatgguf.gguf.writer import GGUFFileWriter, shard_paths, split_kvs, split_tensors
+
+COPY_CHUNK = 16 * 1024 * 1024
+
+
+def assemble(plan: ConversionPlan, parts: Sequence[Path], out: Path, *,
+             split_max_size: int | None = None) -> list[Path]:
+    """Write the GGUF file(s) of `plan` from its part files. With `split_max_size` the output
+    is split as gguf-split does (`<stem>-00001-of-0000N.gguf`, `split.*` keys). Returns the
+    written paths. Raises `GGUFWriteError` for a missing tensor or a digest mismatch."""
+    out = Path(out)
+    where: dict[str, tuple[Path, dict]] = {}
+    for p in parts:
+        for t in read_manifest(Path(p))["tensors"]:
+            where[t["name"]] = (Path(p), t)
+    infos = plan.tensor_infos()
+    for ti in infos:
+        if ti.name not in where:
+            raise GGUFWriteError(f"no part holds tensor {ti.name!r}; convert every shard job first")
+        _, t = where[ti.name]
+        if t["nbytes"] != ti.nbytes or t["type"] != plan.tensors[ti.name].qtype or tuple(t["shape"]) != ti.shape:
+            raise GGUFWriteError(f"part entry of {ti.name!r} ({t['type']}{t['shape']}, {t['nbytes']} B) "
+                                 "disagrees with the plan: convert the shard again")
+    groups = split_tensors(infos, split_max_size)
+    paths = shard_paths(out, len(groups))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmps = [p.with_name(f".{p.name}.tmp{os.getpid()}") for p in paths]
+    handles: dict[Path, object] = {}
+    try:
+        for i, (group, tmp) in enumerate(zip(groups, tmps)):
+            if len(groups) == 1:
+                kvs = list(plan.kvs)
+            elif i == 0:
+                kvs = list(plan.kvs) + split_kvs(i, len(groups), len(infos))
+            else:
+                kvs = split_kvs(i, len(groups), len(infos))
+            with open(tmp, "wb") as fh:
+                w = GGUFFileWriter(fh, kvs, group)
+                w.write_header()
+                for ti in group:
+                    part, t = where[ti.name]
+                    src = handles.get(part)
+                    if src is None:
+                        src = handles[part] = open(part, "rb")
+                    w.begin_tensor(ti.name)
+                    src.seek(t["offset"])
+                    h = hashlib.sha256()
+                    left = t["nbytes"]
+                    while left:
+                        chunk = src.read(min(COPY_CHUNK, left))
+                        if not chunk:
+                            raise GGUFWriteError(f"part {part} ends inside tensor {ti.name!r}")
+                        h.update(chunk)
+                        w.write(chunk)
+                        left -= len(chunk)
+                    if h.hexdigest() != t["sha256"]:
+                        raise GGUFWriteError(f"tensor {ti.name!r} in part {part}: sha256 mismatch; the "
+                                             "part is corrupt: convert that shard again")
+                w.finish()
+        for tmp, p in zip(tmps, paths):
+            os.replace(tmp, p)
+    except BaseException:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        for fh in handles.values():
+            fh.close()
+    return paths

@@ -1,0 +1,294 @@
+"""GGUF metadata (the KV list) for a checkpoint, computed the way llama.cpp's converter
+computes it, so the two files carry the same keys, types and values.
+
+The KV calls follow conversion/base.py (ModelBase.prepare_metadata, TextModel.
+set_gguf_parameters) and conversion/gemma.py (Gemma3Model, Gemma4Model,
+Gemma4UnifiedModel); gguf-py's `GGUFWriter` is used only as the collector of those calls,
+so every key gets the value type gguf-py gives it. Tokenizer arrays come from gguf-py's
+`LlamaHfVocab` and `SpecialVocab` (ref: gguf-py/gguf/vocab.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Sequence
+
+import gguf
+from gguf import GGUFValueType
+
+from qatgguf.convert.arch import ArchSpec
+from qatgguf.errors import CheckpointError
+from qatgguf.gguf.writer import KV, array_sub_type
+
+log = logging.getLogger(__name__)
+
+# tokens llama.cpp always renders, so that the chat parser can read them
+# ref: conversion/gemma.py Gemma4Model.set_vocab
+_VISIBLE_TOKENS = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                   "<tool_response|>", '<|"|>'}
+
+
+@dataclass(frozen=True)
+class TextGeometry:
+    """What the metadata and the shape checks need, per layer."""
+
+    n_layer: int
+    hidden: int
+    vocab: int
+    n_head: int
+    layer_types: tuple[str, ...]
+    head_dim: tuple[int, ...]
+    n_kv: tuple[int, ...]
+    kv_override: bool  # full layers take their kv-head count from the per-layer config
+    n_ff: tuple[int, ...]
+    ple_dim: int
+    ple_vocab: int
+    n_expert: int
+    expert_ff: int
+    n_kv_shared: int
+
+
+def _plc(tc: Any, i: int) -> dict[str, Any]:
+    plc = getattr(tc, "per_layer_config", None) or {}
+    return plc.get(i) or plc.get(str(i)) or {}
+
+
+def text_geometry(tc: Any, family: str) -> TextGeometry:
+    """Per-layer geometry from a transformers text config object.
+
+    transformers 5.24 keeps the global-layer head size in `per_layer_config` and omits it
+    when it equals `head_dim`; older configs carry `global_head_dim`, which the config class
+    turns into `per_layer_config` on load. Reading the per-layer entry with `head_dim` as the
+    fallback covers both, including the equal case llama.cpp's converter cannot read.
+    """
+    n = int(tc.num_hidden_layers)
+    types = tuple(getattr(tc, "layer_types", None) or ["full_attention"] * n)
+    hd = int(tc.head_dim)
+    kv = int(tc.num_key_value_heads)
+    head_dim = tuple(int(_plc(tc, i).get("head_dim", hd)) for i in range(n))
+    n_kv = tuple(int(_plc(tc, i).get("num_key_value_heads", kv)) for i in range(n))
+    kv_override = any("num_key_value_heads" in _plc(tc, i) for i in range(n)
+                      if types[i] == "full_attention")
+    shared = int(getattr(tc, "num_kv_shared_layers", 0) or 0)
+    ff = int(tc.intermediate_size)
+    double = bool(getattr(tc, "use_double_wide_mlp", False))
+    n_ff = tuple(ff * 2 if double and i >= n - shared else ff for i in range(n))
+    ple = int(getattr(tc, "hidden_size_per_layer_input", 0) or 0)
+    return TextGeometry(
+        n_layer=n, hidden=int(tc.hidden_size), vocab=int(tc.vocab_size),
+        n_head=int(tc.num_attention_heads), layer_types=types, head_dim=head_dim, n_kv=n_kv,
+        kv_override=kv_override, n_ff=n_ff, ple_dim=ple,
+        ple_vocab=int(getattr(tc, "vocab_size_per_layer_input", 0) or tc.vocab_size),
+        n_expert=int(getattr(tc, "num_experts", 0) or 0),
+        expert_ff=int(getattr(tc, "moe_intermediate_size", 0) or 0),
+        n_kv_shared=shared,
+    )
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Enum):
+        return int(v.value)
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).decode("utf-8")
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if hasattr(v, "item"):  # numpy scalars
+        return v.item()
+    return v
+
+
+def collected_kvs(writer: gguf.GGUFWriter) -> list[KV]:
+    out = []
+    for key, val in writer.kv_data[0].items():
+        vtype = int(val.type)
+        sub = val.sub_type
+        if vtype == GGUFValueType.ARRAY and sub is None:
+            sub = array_sub_type(val.value)
+        out.append(KV(key, vtype, _jsonable(val.value), None if sub is None else int(sub)))
+    return out
+
+
+def param_counts(tensors: Sequence[tuple[str, Sequence[int]]]) -> tuple[int, int, int, int]:
+    """(total, shared, expert, expert_count) as gguf-py counts them over the written tensors
+    (ref: gguf_writer.py GGUFWriter.get_total_parameter_count)."""
+    total = shared = expert = expert_sum = n_exp = 0
+    for name, shape in tensors:
+        size = math.prod(shape)
+        if "_exps." in name and len(shape) >= 3:
+            count = shape[0]  # numpy order: the expert axis leads (ggml ne[2])
+            expert += size // count
+            expert_sum += count
+            n_exp += 1
+        else:
+            shared += size
+        total += size
+    return total, shared, expert, (expert_sum // n_exp if n_exp else 0)
+
+
+def _add_text_params(w: gguf.GGUFWriter, hp: dict[str, Any], *, n_layer: int, ftype: int) -> None:
+    """ref: conversion/base.py TextModel.set_gguf_parameters (the keys Gemma uses)."""
+
+    def find(keys: Sequence[str]) -> Any:
+        k = next((k for k in keys if k in hp), None)
+        return None if k is None else hp[k]
+
+    w.add_block_count(n_layer)
+    if (v := find(["max_position_embeddings", "n_ctx", "n_positions", "max_length"])) is not None:
+        w.add_context_length(v)
+    if (v := find(["hidden_size", "n_embd", "dim"])) is not None:
+        w.add_embedding_length(v)
+    if (v := find(["prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size"])) is not None:
+        w.add_feed_forward_length(v)
+    if (v := find(["num_attention_heads", "n_head", "n_heads"])) is not None:
+        w.add_head_count(v)
+    if (v := find(["num_key_value_heads", "n_kv_heads"])) is not None:
+        w.add_head_count_kv(v)
+    if hp.get("is_causal") is False:
+        w.add_causal_attention(False)
+    rope = hp.get("rope_parameters") or hp.get("rope_scaling") or {}
+    if "full_attention" not in rope and "sliding_attention" not in rope and hp.get("rope_theta") is not None:
+        rope = {**rope, "rope_theta": hp["rope_theta"]}
+        if hp.get("rope_local_base_freq") is not None:
+            rope["sliding_attention"] = {"rope_theta": hp["rope_local_base_freq"]}
+    rp = rope.get("full_attention", rope)
+    rope_type = rp.get("rope_type")
+    if rope_type == "linear" and rp.get("factor") is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rp["factor"])
+    if (theta := rp.get("rope_theta")) is not None:
+        w.add_rope_freq_base(theta)
+    if (theta := rope.get("sliding_attention", {}).get("rope_theta")) is not None:
+        w.add_rope_freq_base_swa(theta)
+    if (v := find(["rms_norm_eps", "norm_eps"])) is not None:
+        w.add_layer_norm_rms_eps(v)
+    if (v := find(["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"])) is not None:
+        w.add_layer_norm_eps(v)
+    if (v := find(["num_local_experts", "num_experts", "n_routed_experts"])) is not None:
+        w.add_expert_count(v)
+    if (v := find(["num_experts_per_tok", "num_experts_per_token", "top_k_experts"])) is not None:
+        w.add_expert_used_count(v)
+    if (v := hp.get("head_dim")) is not None:
+        w.add_key_length(v)
+        w.add_value_length(v)
+    w.add_file_type(ftype)
+    return None
+
+
+def _add_gemma3_params(w: gguf.GGUFWriter, hp: dict[str, Any]) -> None:
+    """ref: conversion/gemma.py Gemma3Model.set_gguf_parameters."""
+    w.add_context_length(hp.get("max_position_embeddings", 131072))
+    w.add_head_count(hp.get("num_attention_heads", 8))
+    w.add_layer_norm_rms_eps(hp.get("rms_norm_eps", 1e-6))
+    w.add_key_length(hp.get("head_dim", 256))
+    w.add_value_length(hp.get("head_dim", 256))
+    rope = hp.get("rope_parameters") or hp.get("rope_scaling") or {}
+    if "full_attention" not in rope and "sliding_attention" not in rope and hp.get("rope_theta") is not None:
+        rope = {**rope, "rope_theta": hp["rope_theta"]}
+    w.add_rope_freq_base(rope.get("full_attention", rope).get("rope_theta", 1_000_000.0))
+    if cap := hp.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(cap)
+    if hp.get("sliding_window_pattern") != 1:
+        w.add_sliding_window(hp["sliding_window"])
+    w.add_head_count_kv(hp.get("num_key_value_heads", 4))
+
+
+def _add_gemma4_params(w: gguf.GGUFWriter, hp: dict[str, Any], g: TextGeometry, src: Path) -> None:
+    """ref: conversion/gemma.py Gemma4Model.set_gguf_parameters, Gemma4UnifiedModel."""
+    w.add_shared_kv_layers(g.n_kv_shared)
+    w.add_embedding_length_per_layer_input(g.ple_dim)
+    swa = [t == "sliding_attention" for t in g.layer_types]
+    w.add_sliding_window_pattern(swa)
+    full = [i for i, t in enumerate(g.layer_types) if t == "full_attention"]
+    hd_swa = int(hp["head_dim"])
+    hd_full = g.head_dim[full[0]] if full else hd_swa
+    w.add_key_length(hd_full)
+    w.add_value_length(hd_full)
+    w.add_key_length_swa(hd_swa)
+    w.add_value_length_swa(hd_swa)
+    if (v := hp.get("expert_intermediate_size", hp.get("moe_intermediate_size"))) is not None:
+        w.add_expert_feed_forward_length(v)
+    if hp.get("use_double_wide_mlp", False):
+        w.add_feed_forward_length(list(g.n_ff))
+    if g.kv_override:
+        w.add_head_count_kv(list(g.n_kv))
+    rope = hp.get("rope_parameters") or {}
+    w.add_rope_dimension_count(int(hd_full))
+    w.add_rope_dimension_count_swa(int(hd_swa * rope.get("partial_rotary_factor", 1.0)))
+    if hp.get("_unified"):
+        gen = src / "generation_config.json"
+        if gen.is_file():
+            supp = json.loads(gen.read_text(encoding="utf-8")).get("suppress_tokens")
+            if supp is not None:
+                # ref: gguf-py (vendored) Keys.LLM.SUPPRESS_TOKENS, an int32 array
+                w.add_array(f"{w.arch}.suppress_tokens", list(supp))
+
+
+def _add_vocab_gemma4(w: gguf.GGUFWriter, src: Path) -> None:
+    """ref: conversion/gemma.py Gemma4Model.set_vocab."""
+    try:
+        vocab = gguf.LlamaHfVocab(src)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"tokenizer missing ({exc}); copy tokenizer.json and "
+                              "tokenizer_config.json into the checkpoint", file=str(src)) from None
+    tokens, scores, types = [], [], []
+    for text, score, toktype in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(gguf.TokenType.USER_DEFINED if text.decode() in _VISIBLE_TOKENS else toktype)
+    w.add_tokenizer_model("gemma4")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    special = gguf.SpecialVocab(src, load_merges=True)
+    special.add_to_gguf(w, quiet=True)
+    w.add_add_space_prefix(False)
+    w.add_add_bos_token(True)
+
+
+def vocab_rows(src: Path) -> int | None:
+    """Rows llama.cpp keeps of the embedding: vocab + added tokens of tokenizer.json
+    (ref: conversion/gemma.py Gemma3Model.modify_tensors)."""
+    tj = src / "tokenizer.json"
+    if not tj.is_file():
+        return None
+    data = json.loads(tj.read_text(encoding="utf-8"))
+    return len(data["model"]["vocab"]) + len(data.get("added_tokens", []))
+
+
+def build_metadata(*, src: Path, spec: ArchSpec, hparams: dict[str, Any], geometry: TextGeometry,
+                   file_type: int, tensors: Sequence[tuple[str, Sequence[int]]],
+                   unified: bool) -> list[KV]:
+    """The ordered KV list of the text GGUF (no split.* keys)."""
+    w = gguf.GGUFWriter(path=None, arch=spec.gguf_arch)
+    # gguf-py logs every overwritten key; llama.cpp's converter overwrites on purpose
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)
+    total, shared, expert, count = param_counts(tensors)
+    meta = gguf.Metadata.load(None, src, None, total)
+    gen = src / "generation_config.json"
+    if gen.is_file():
+        # the vendored gguf-py also reads `repetition_penalty` (newer than PyPI gguf 0.19.0)
+        rp = json.loads(gen.read_text(encoding="utf-8")).get("repetition_penalty")
+        if meta.sampling_penalty_repeat is None and rp is not None:
+            meta.sampling_penalty_repeat = rp
+    if meta.name is None:
+        meta.name = src.name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, count)
+    w.add_type(gguf.GGUFType.MODEL)
+    meta.set_gguf_meta_model(w)
+    hp = {**hparams, "_unified": unified}
+    _add_text_params(w, hp, n_layer=geometry.n_layer, ftype=file_type)
+    _add_gemma3_params(w, hp)
+    if spec.family == "gemma4":
+        _add_gemma4_params(w, hp, geometry, src)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if spec.family == "gemma4":
+        _add_vocab_gemma4(w, src)
+    else:
+        raise CheckpointError("Gemma 3 tokenizer export is not implemented yet", file=str(src))
+    return collected_kvs(w)

@@ -1,0 +1,155 @@
+"""Shard parts: one safetensors shard in, one part file out.
+
+A part file holds the converted tensor bytes back to back, each padded to the GGUF
+alignment, then a JSON manifest (name, shape, type, offset, nbytes, sha256), then a
+16-byte footer: 8 bytes magic and the manifest length (u64 little-endian)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from qatgguf import quant
+from qatgguf.convert.plan import ConversionPlan, TensorJob
+from qatgguf.convert.safetensors import (
+    TensorEntry, nonfinite_rows, open_tensor, read_header, to_f32)
+from qatgguf.errors import CheckpointError, NonFiniteError, QuantizationError
+from qatgguf.gguf.writer import pad
+
+PART_MAGIC = b"QGPART01"
+CHUNK_BYTES = 64 * 1024 * 1024  # rows converted at a time; bounds memory for huge tensors
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    path: str
+    sha256: str
+    n_tensors: int
+    nbytes: int
+
+
+def _row_chunks(n_rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    for a in range(0, n_rows, step):
+        yield a, min(n_rows, a + step)
+
+
+def _tensor_chunks(job: TensorJob, raw: np.ndarray | None, file: str) -> Iterator[bytes | memoryview]:
+    """Output bytes of one tensor, a block of rows at a time."""
+    if job.transform == "rope_freqs":
+        # ref: conversion/gemma.py Gemma4Model.generate_extra_tensors
+        p = job.params
+        v = np.array([1.0] * p["n_rot"] + [1e30] * p["n_unrot"], dtype=np.float32)
+        yield quant.quantize(v, job.qtype).tobytes() if job.qtype != "F32" else v.tobytes()
+        return
+    assert raw is not None
+    if job.rows is not None:
+        raw = raw[: job.rows]
+    cols = raw.shape[-1] if raw.ndim else 1
+    rows2d = raw.reshape(-1, cols)
+    same = (job.src_dtype == job.qtype and job.transform == "copy")
+    for a, b in _row_chunks(rows2d.shape[0], cols * rows2d.itemsize):
+        block = rows2d[a:b]
+        bad = nonfinite_rows(block, job.src_dtype or "F32")
+        if bad.size:
+            raise NonFiniteError(f"{file}: tensor {job.hf_name!r}: row {a + int(bad[0])} holds NaN or Inf; "
+                                 "the checkpoint is corrupt or diverged: use a clean checkpoint")
+        if same:
+            # BF16/F16/F32 kept as they are: the bytes llama.cpp writes after its round trip
+            # through F32 are the same bytes (no NaN: checked above)
+            yield memoryview(np.ascontiguousarray(block)).cast("B")
+            continue
+        x = to_f32(block, job.src_dtype or "F32")
+        if job.transform == "norm_shift":
+            x = x + np.float32(job.params["shift"])  # ref: conversion/gemma.py Gemma3Model.norm_shift
+        if job.qtype == "F32":
+            yield np.ascontiguousarray(x, dtype=np.float32).tobytes()
+        elif job.qtype == "F16":
+            yield x.astype(np.float16).tobytes()
+        else:
+            try:
+                q = quant.quantize(x, job.qtype, grid=job.grid)
+            except QuantizationError as exc:
+                raise type(exc)(f"{file}: tensor {job.hf_name!r} -> {job.gguf_name}: {exc}") from None
+            yield np.ascontiguousarray(q).tobytes()
+
+
+def convert_shard(plan: ConversionPlan, index: int, out_part: Path) -> PartInfo:
+    """Convert shard job `index` of `plan` into the part file `out_part`.
+
+    Reads only that shard (memory-mapped, one tensor at a time). Raises `CheckpointError`
+    if the shard changed since planning, `NonFiniteError` for NaN/Inf, `QuantizationError`
+    when a tensor cannot be quantized as the recipe asks."""
+    if not 0 <= index < len(plan.shards):
+        raise IndexError(f"shard index {index} outside 0..{len(plan.shards) - 1}")
+    sj = plan.shards[index]
+    out_part = Path(out_part)
+    out_part.parent.mkdir(parents=True, exist_ok=True)
+    src_path = Path(plan.src) / sj.file if sj.file else None
+    entries: dict[str, TensorEntry] = {}
+    if src_path is not None:
+        header = read_header(src_path)
+        if header.file_size != sj.size:
+            raise CheckpointError(f"file is {header.file_size} bytes, the plan saw {sj.size}; the "
+                                  "shard changed after planning: plan again", file=str(src_path))
+        entries = header.tensors
+    tmp = out_part.with_name(out_part.name + f".tmp{os.getpid()}")
+    manifest = []
+    whole = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as fh:
+            for job in sj.tensors:
+                raw = None
+                if job.hf_name is not None:
+                    e = entries.get(job.hf_name)
+                    if e is None or e.shape != job.src_shape or e.dtype != job.src_dtype:
+                        raise CheckpointError("tensor missing or changed since planning: plan again",
+                                              file=str(src_path), tensor=job.hf_name)
+                    raw = open_tensor(src_path, e)
+                offset = fh.tell()
+                h = hashlib.sha256()
+                n = 0
+                for chunk in _tensor_chunks(job, raw, str(src_path)):
+                    h.update(chunk)
+                    whole.update(chunk)
+                    fh.write(chunk)
+                    n += len(chunk)
+                del raw
+                if n != job.nbytes:
+                    raise QuantizationError(f"tensor {job.gguf_name}: produced {n} bytes, the plan "
+                                            f"expects {job.nbytes} for {job.qtype}{list(job.shape)}")
+                fh.write(b"\0" * (pad(n) - n))
+                manifest.append({"name": job.gguf_name, "shape": list(job.shape), "type": job.qtype,
+                                 "offset": offset, "nbytes": n, "sha256": h.hexdigest()})
+            body = json.dumps({"version": 1, "shard": index, "tensors": manifest}).encode()
+            fh.write(body)
+            fh.write(PART_MAGIC + struct.pack("<Q", len(body)))
+        os.replace(tmp, out_part)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return PartInfo(path=str(out_part), sha256=whole.hexdigest(), n_tensors=len(manifest),
+                    nbytes=sum(m["nbytes"] for m in manifest))
+
+
+def read_manifest(part: Path) -> dict:
+    """The manifest of a part file. Raises `CheckpointError` if the file is not a part."""
+    part = Path(part)
+    with open(part, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        if size < 16:
+            raise CheckpointError("not a part file (too short)", file=str(part))
+        fh.seek(size - 16)
+        magic, (n,) = fh.read(8), struct.unpack("<Q", fh.read(8))
+        if magic != PART_MAGIC or n > size - 16:
+            raise CheckpointError("not a part file (bad footer); convert the shard again", file=str(part))
+        fh.seek(size - 16 - n)
+        return json.loads(fh.read(n))

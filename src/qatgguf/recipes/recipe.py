@@ -1,0 +1,170 @@
+"""Recipes: which GGML type (and which grid) each GGUF tensor gets.
+
+A recipe file holds ordered rules; the first rule whose regex matches the GGUF tensor name
+(and whose `min_dims`/`max_dims` admit its shape) decides the type, otherwise `default`.
+`extends:` pulls in the rules of another file after this file's own `first:` rules and
+before its `rules:`, so a shared base (what llama.cpp always keeps in F32) is written once.
+A type whose block size does not divide the row length falls back as llama-quantize does
+(ref: src/llama-quant.cpp tensor_type_fallback).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Iterable, Literal, Sequence
+
+import yaml
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from qatgguf.errors import ConfigError
+
+RECIPE_VERSION = 1
+
+# ref: src/llama-quant.cpp tensor_type_fallback. Types with block size 32 or less that
+# still do not fit go to F16 (the same function's last step).
+FALLBACK: dict[str, str] = {
+    "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL",
+    "IQ2_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL",
+    "Q2_K": "Q4_0", "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0",
+    "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+}
+
+
+@dataclass(frozen=True)
+class TensorChoice:
+    qtype: str  # GGMLQuantizationType name, e.g. "Q4_0"
+    grid: Literal["qat"] | None = None
+    rule: str | None = None  # the pattern that decided it (None: the default)
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    qtype: str
+    grid: Literal["qat"] | None = None
+    min_dims: int = 0
+    max_dims: int = 99
+    optional: bool = False  # a rule that may match nothing in a given model
+    why: str = ""
+
+    def matches(self, name: str, shape: Sequence[int]) -> bool:
+        return self.min_dims <= len(shape) <= self.max_dims and re.search(self.pattern, name) is not None
+
+
+def _type_name(value: Any, where: str) -> str:
+    name = str(value).upper()
+    if name not in GGMLQuantizationType.__members__:
+        raise ConfigError(f"{where}: unknown GGML type {value!r}; use one of "
+                          f"{', '.join(GGMLQuantizationType.__members__)}")
+    return name
+
+
+def _rule(item: dict[str, Any], where: str) -> Rule:
+    allowed = {"pattern", "type", "grid", "min_dims", "max_dims", "optional", "why"}
+    if not isinstance(item, dict) or "pattern" not in item or "type" not in item:
+        raise ConfigError(f"{where}: each rule needs `pattern` and `type`, got {item!r}")
+    extra = set(item) - allowed
+    if extra:
+        raise ConfigError(f"{where}: unknown rule fields {sorted(extra)}; allowed: {sorted(allowed)}")
+    try:
+        re.compile(item["pattern"])
+    except re.error as exc:
+        raise ConfigError(f"{where}: pattern {item['pattern']!r} is not a valid regex: {exc}") from None
+    grid = item.get("grid")
+    if grid not in (None, "qat"):
+        raise ConfigError(f"{where}: grid must be absent or 'qat', got {grid!r}")
+    return Rule(pattern=item["pattern"], qtype=_type_name(item["type"], where), grid=grid,
+                min_dims=int(item.get("min_dims", 0)), max_dims=int(item.get("max_dims", 99)),
+                optional=bool(item.get("optional", False)), why=str(item.get("why", "")))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    file_type: str  # llama_ftype name written to general.file_type, e.g. "MOSTLY_Q4_0"
+    default: str
+    default_grid: Literal["qat"] | None = None
+    rules: tuple[Rule, ...] = field(default_factory=tuple)
+    description: str = ""
+    version: int = RECIPE_VERSION
+
+    def choose(self, gguf_name: str, shape: Sequence[int]) -> TensorChoice:
+        """Type for one tensor. `shape` is row-major (numpy) order: `shape[-1]` is the row."""
+        choice = TensorChoice(self.default, self.default_grid, None)
+        for rule in self.rules:
+            if rule.matches(gguf_name, shape):
+                choice = TensorChoice(rule.qtype, rule.grid, rule.pattern)
+                break
+        return self._fit(choice, shape)
+
+    @staticmethod
+    def _fit(choice: TensorChoice, shape: Sequence[int]) -> TensorChoice:
+        qtype = choice.qtype
+        ncols = int(shape[-1]) if shape else 1
+        block = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0]
+        if ncols % block == 0:
+            return choice
+        qtype = FALLBACK.get(qtype, qtype)
+        if ncols % GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0]:
+            qtype = "F16"
+        # a fallback type is off the QAT grid by construction
+        return TensorChoice(qtype, None if qtype != choice.qtype else choice.grid, choice.rule)
+
+    def check_coverage(self, names_shapes: Iterable[tuple[str, Sequence[int]]]) -> None:
+        """Raise `ConfigError` naming every non-optional rule that matches no tensor."""
+        items = list(names_shapes)
+        unused = [r.pattern for r in self.rules
+                  if not r.optional and not any(r.matches(n, s) for n, s in items)]
+        if unused:
+            raise ConfigError(
+                f"recipe {self.name!r}: pattern(s) {unused} match no tensor of this model; fix the "
+                "pattern or mark the rule `optional: true`")
+
+
+def _read(name: str) -> dict[str, Any]:
+    files = resources.files("qatgguf.recipes")
+    res = files.joinpath(f"{name}.yaml")
+    if not res.is_file():
+        raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(available_recipes())}")
+    data = yaml.safe_load(res.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe file {name}.yaml is not a mapping")
+    return data
+
+
+def available_recipes() -> list[str]:
+    files = resources.files("qatgguf.recipes")
+    return sorted(p.name[:-5] for p in files.iterdir()
+                  if p.name.endswith(".yaml") and not p.name.startswith("_"))
+
+
+def _rules_of(name: str, seen: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[Rule]]:
+    if name in seen:
+        raise ConfigError(f"recipe {name!r} extends itself through {' -> '.join(seen)}")
+    data = _read(name)
+    allowed = {"name", "version", "description", "file_type", "default", "grid", "extends",
+               "first", "rules"}
+    extra = set(data) - allowed
+    if extra:
+        raise ConfigError(f"recipe {name!r}: unknown fields {sorted(extra)}; allowed: {sorted(allowed)}")
+    if int(data.get("version", RECIPE_VERSION)) != RECIPE_VERSION:
+        raise ConfigError(f"recipe {name!r}: version {data.get('version')} is not {RECIPE_VERSION}")
+    rules = [_rule(r, f"recipe {name!r}") for r in data.get("first") or []]
+    if data.get("extends"):
+        rules += _rules_of(str(data["extends"]), seen + (name,))[1]
+    rules += [_rule(r, f"recipe {name!r}") for r in data.get("rules") or []]
+    return data, rules
+
+
+def load_recipe(name: str) -> Recipe:
+    """Load `recipes/<name>.yaml`. Raises `ConfigError` for an unknown name or bad data."""
+    data, rules = _rules_of(name)
+    for key in ("default", "file_type"):
+        if key not in data:
+            raise ConfigError(f"recipe {name!r} lacks `{key}`")
+    return Recipe(name=name, file_type=str(data["file_type"]),
+                  default=_type_name(data["default"], f"recipe {name!r}"),
+                  default_grid=data.get("grid"), rules=tuple(rules),
+                  description=str(data.get("description", "")))
