@@ -78,3 +78,7 @@ class PublishError(QatGgufError, RuntimeError):
 
 class GateFailed(QatGgufError):
     """A quantized file did not pass the release gate; it is not published."""
+
+
+class ModelCardError(QatGgufError, ValueError):
+    """Model card data or the rendered card is invalid (bad metadata, missing files)."""

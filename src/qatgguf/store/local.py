@@ -1,0 +1,304 @@
+"""Artifact store on a local (or shared network) file system.
+
+Layout: the object of key `a/b.gguf` is `root/a/b.gguf`, exactly as the key says, so the
+tree is usable without the store. Its digest sits in a sidecar `root/.qatgguf-meta/a/b.gguf.json`
+together with the size and mtime it was computed for; a sidecar that no longer matches
+the file is ignored and the digest recomputed. Temporary files are dot-names next to the
+target and are renamed into place only when complete (POSIX rename is atomic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlparse
+
+from qatgguf.errors import StoreError
+from qatgguf.store.base import (
+    CHUNK_SIZE,
+    ArtifactRef,
+    ProgressCallback,
+    check_sha256,
+    dumps_json,
+    loads_json,
+    sha256_file,
+    validate_key,
+    validate_prefix,
+)
+
+META_DIR = ".qatgguf-meta"
+
+
+def _tmp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename is only durable once the directory entry is on disk.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _copy_hashing(
+    src: Path, dest: Path, *, progress: ProgressCallback | None = None
+) -> tuple[str, int]:
+    """Copy `src` to a temporary name next to `dest`, hash while copying, then rename.
+
+    Returns (sha256, size). Nothing is left at `dest` or the temporary name on failure.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(dest)
+    h = hashlib.sha256()
+    size = 0
+    try:
+        with open(src, "rb") as fin, open(tmp, "xb") as fout:
+            while chunk := fin.read(CHUNK_SIZE):
+                h.update(chunk)
+                fout.write(chunk)
+                size += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dest.parent)
+    return h.hexdigest(), size
+
+
+class LocalStore:
+    """`ArtifactStore` over a directory. Create with `open_store("file:///abs/dir")`."""
+
+    def __init__(self, root: str | Path) -> None:
+        root = Path(root).expanduser()
+        if not root.is_absolute():
+            root = root.resolve()
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"{root}: store root exists but is not a directory; pick another path")
+        self.root = root
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    # -- keys and URIs ---------------------------------------------------------------
+
+    def uri_for(self, key: str) -> str:
+        validate_key(key)
+        return "file://" + quote(str(self.root / key))
+
+    def _key_of(self, key_or_uri: str) -> str:
+        if not key_or_uri.startswith("file://"):
+            if "://" in key_or_uri:
+                raise StoreError(
+                    f"{key_or_uri}: not a URI of this store ({self.uri_for_root()}); "
+                    "open the store the URI belongs to"
+                )
+            return validate_key(key_or_uri)
+        parsed = urlparse(key_or_uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise StoreError(f"{key_or_uri}: file URIs must name a local path (file:///abs/path)")
+        path = Path(unquote(parsed.path))
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            raise StoreError(
+                f"{key_or_uri}: outside this store's root {self.root}; open the store "
+                "the URI belongs to"
+            ) from None
+        return validate_key(rel.as_posix())
+
+    def uri_for_root(self) -> str:
+        return "file://" + quote(str(self.root))
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key)
+
+    def _meta_path(self, key: str) -> Path:
+        return self.root / META_DIR / f"{key}.json"
+
+    # -- metadata sidecars -------------------------------------------------------------
+
+    def _write_meta(self, key: str, sha256: str, size: int) -> None:
+        st = (self.root / key).stat()
+        meta = self._meta_path(key)
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(meta)
+        payload = {"sha256": sha256, "size": size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+        try:
+            tmp.write_text(json.dumps(payload))
+            os.replace(tmp, meta)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _read_meta(self, key: str, st: os.stat_result) -> str | None:
+        """The stored digest if the sidecar still describes this exact file."""
+        try:
+            meta = json.loads(self._meta_path(key).read_text())
+        except (OSError, ValueError):
+            return None
+        if (
+            meta.get("size") == st.st_size
+            and meta.get("mtime_ns") == st.st_mtime_ns
+            and meta.get("ino") == st.st_ino
+        ):
+            return meta.get("sha256")
+        return None
+
+    # -- protocol ----------------------------------------------------------------------
+
+    def put_file(
+        self, path: str | Path, key: str, *, progress: ProgressCallback | None = None
+    ) -> ArtifactRef:
+        src = Path(path)
+        dest = self._path(key)
+        uri = self.uri_for(key)
+        if not src.is_file():
+            raise StoreError(f"{src}: cannot store as {uri}: not a regular file")
+        try:
+            if dest.exists() and os.path.samefile(src, dest):
+                ref = self.stat(key)
+                if ref is not None:
+                    return ref
+            sha256, size = _copy_hashing(src, dest, progress=progress)
+            self._write_meta(key, sha256, size)
+        except StoreError:
+            raise
+        except OSError as exc:
+            raise StoreError(f"{src}: storing as {uri} failed: {exc.strerror or exc}") from exc
+        return ArtifactRef(uri=uri, sha256=sha256, size=size)
+
+    def get_file(self, key_or_uri: str, dest: str | Path, *, sha256: str | None = None) -> Path:
+        key = self._key_of(key_or_uri)
+        uri = self.uri_for(key)
+        if sha256 is not None:
+            check_sha256(sha256, what=uri)
+        src = self.root / key
+        dest = Path(dest)
+        if dest.is_dir():
+            dest = dest / src.name
+        try:
+            st = src.stat()
+        except FileNotFoundError:
+            raise StoreError(
+                f"{uri}: no such artifact (get_file); check the key or run the step that stores it"
+            ) from None
+        stored = self._read_meta(key, st)
+        tmp = _tmp_name(dest)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            h = hashlib.sha256()
+            with open(src, "rb") as fin, open(tmp, "xb") as fout:
+                while chunk := fin.read(CHUNK_SIZE):
+                    h.update(chunk)
+                    fout.write(chunk)
+                fout.flush()
+                os.fsync(fout.fileno())
+            got = h.hexdigest()
+            for want, source in ((sha256, "expected"), (stored, "stored")):
+                if want is not None and got != want:
+                    raise StoreError(
+                        f"{uri}: sha256 mismatch: {source} {want}, read {got}; the object is "
+                        "corrupt or not the one referenced; re-run the step that stores it"
+                    )
+            os.replace(tmp, dest)
+        except StoreError:
+            tmp.unlink(missing_ok=True)
+            raise
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"{uri}: get_file to {dest} failed: {exc.strerror or exc}") from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return dest
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def stat(self, key: str) -> ArtifactRef | None:
+        path = self._path(key)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        if not path.is_file():
+            return None
+        sha256 = self._read_meta(key, st)
+        if sha256 is None:
+            sha256, size = sha256_file(path)
+            with contextlib.suppress(OSError):
+                self._write_meta(key, sha256, size)
+        return ArtifactRef(uri=self.uri_for(key), sha256=sha256, size=st.st_size)
+
+    def put_bytes(self, data: bytes, key: str) -> ArtifactRef:
+        dest = self._path(key)
+        uri = self.uri_for(key)
+        tmp = _tmp_name(dest)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+            sha256 = hashlib.sha256(data).hexdigest()
+            self._write_meta(key, sha256, len(data))
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"{uri}: put_bytes failed: {exc.strerror or exc}") from exc
+        return ArtifactRef(uri=uri, sha256=sha256, size=len(data))
+
+    def get_bytes(self, key_or_uri: str) -> bytes:
+        key = self._key_of(key_or_uri)
+        uri = self.uri_for(key)
+        path = self.root / key
+        try:
+            st = path.stat()
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(
+                f"{uri}: no such artifact (get_bytes); check the key or run the step that stores it"
+            ) from None
+        except OSError as exc:
+            raise StoreError(f"{uri}: get_bytes failed: {exc.strerror or exc}") from exc
+        stored = self._read_meta(key, st)
+        got = hashlib.sha256(data).hexdigest()
+        if stored is not None and stored != got:
+            raise StoreError(f"{uri}: sha256 mismatch: stored {stored}, read {got}; object is corrupt")
+        return data
+
+    def put_json(self, obj: Any, key: str) -> ArtifactRef:
+        return self.put_bytes(dumps_json(obj), key)
+
+    def get_json(self, key_or_uri: str) -> Any:
+        return loads_json(self.get_bytes(key_or_uri), uri=key_or_uri)
+
+    def list(self, prefix: str = "") -> list[str]:
+        validate_prefix(prefix)
+        # Walk only the deepest directory the prefix names, not the whole store.
+        head = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self.root / head if head else self.root
+        keys: list[str] = []
+        if not start.is_dir():
+            return keys
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                key = (Path(dirpath) / name).relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
