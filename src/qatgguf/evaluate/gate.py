@@ -1,0 +1,68 @@
+"""The release gate: a quant is published only when every threshold holds."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from qatgguf.errors import ConfigError
+from qatgguf.evaluate.records import EvalResult
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    """Per-model limits from the release config. `None` switches a check off."""
+
+    max_mean_kld: float | None = None
+    max_kld_99_9: float | None = None
+    min_same_top_p: float | None = None  # a fraction in [0, 1], not percent
+    max_ppl_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_mean_kld", "max_kld_99_9", "min_same_top_p", "max_ppl_ratio"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+                raise ConfigError(f"gate threshold {name}={v!r} must be a finite number >= 0")
+        if self.min_same_top_p is not None and self.min_same_top_p > 1:
+            raise ConfigError(
+                f"gate threshold min_same_top_p={self.min_same_top_p} is a fraction in [0, 1]; "
+                f"write {self.min_same_top_p / 100:g} for {self.min_same_top_p:g}%"
+            )
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    passed: bool
+    reasons: tuple[str, ...]  # one line per failed check; empty when passed
+    checks: tuple[tuple[str, float, str, float, bool], ...]  # (metric, value, op, limit, ok)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "passed": self.passed,
+            "reasons": list(self.reasons),
+            "checks": [{"metric": m, "value": v, "op": op, "limit": lim, "ok": ok} for m, v, op, lim, ok in self.checks],
+        }
+
+    def summary(self) -> str:
+        if self.passed:
+            return "gate PASSED: " + ", ".join(f"{m} {v:.6g} {op} {lim:g}" for m, v, op, lim, _ in self.checks)
+        return "gate FAILED, not published: " + "; ".join(self.reasons)
+
+
+def apply_gate(result: EvalResult, thresholds: GateThresholds) -> GateDecision:
+    """Compare an evaluation with the thresholds. NaN metrics fail their check."""
+    rules = (
+        ("mean_kld", result.mean_kld, "<=", thresholds.max_mean_kld),
+        ("kld_99_9", result.kld_99_9, "<=", thresholds.max_kld_99_9),
+        ("same_top_p", result.same_top_p, ">=", thresholds.min_same_top_p),
+        ("ppl_ratio", result.ppl_ratio, "<=", thresholds.max_ppl_ratio),
+    )
+    checks, reasons = [], []
+    for metric, value, op, limit in rules:
+        if limit is None:
+            continue
+        ok = (value <= limit) if op == "<=" else (value >= limit)  # False for NaN
+        checks.append((metric, float(value), op, float(limit), bool(ok)))
+        if not ok:
+            reasons.append(f"{metric} = {value:.6g}, limit {op} {limit:g}")
+    return GateDecision(passed=not reasons, reasons=tuple(reasons), checks=tuple(checks))
