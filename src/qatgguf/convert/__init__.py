@@ -19,9 +19,9 @@ def convert(src: Path | str, out: Path | str, *, recipe: Recipe | str, split_max
             workdir: Path | str | None = None) -> list[Path]:
     """Plan, convert every shard and assemble, in one process. Returns the written GGUF paths.
 
-    `src` is a local checkpoint directory. Part files go to `workdir` (a temporary directory
+    `src` is a local checkpoint directory, `hf://org/repo@rev` or `s3://bucket/prefix`. Part files go to `workdir` (a temporary directory
     removed afterwards when not given)."""
-    plan = plan_conversion(Path(src), recipe=recipe)
+    plan = plan_conversion(src, recipe=recipe)
     own = workdir is None
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     wd = Path(tempfile.mkdtemp(prefix="qatgguf-parts-", dir=Path(out).parent)) if own else Path(workdir)

@@ -169,10 +169,13 @@ def _check_shape(file: str, hf_name: str, got: tuple[int, ...], want: tuple[int,
 
 
 def plan_conversion(src: Path | str, *, recipe: Recipe | str) -> ConversionPlan:
-    """Plan the conversion of a local checkpoint directory. Reads config.json, the tokenizer
+    """Plan the conversion of a checkpoint: a local directory, `hf://org/repo@rev` or
+    `s3://bucket/prefix` (fetched to the local cache first). Reads config.json, the tokenizer
     and every shard header. Raises `CheckpointError` (and subclasses) naming the file and
     tensor for bad input, `ConfigError` for a bad recipe."""
-    src = Path(src).resolve()
+    from qatgguf.convert.source import resolve_source
+
+    src = resolve_source(src).resolve()
     if not (src / "config.json").is_file():
         raise CheckpointError("config.json is missing; a checkpoint directory needs it",
                               file=str(src / "config.json"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -18,8 +19,7 @@ import numpy as np
 
 from qatgguf import quant
 from qatgguf.convert.plan import ConversionPlan, TensorJob
-from qatgguf.convert.safetensors import (
-    TensorEntry, nonfinite_rows, open_tensor, read_header, to_f32)
+from qatgguf.convert.safetensors import DTYPES, TensorEntry, nonfinite_rows, read_header, to_f32
 from qatgguf.errors import CheckpointError, NonFiniteError, QuantizationError
 from qatgguf.gguf.writer import pad
 
@@ -29,6 +29,8 @@ CHUNK_BYTES = 64 * 1024 * 1024  # rows converted at a time; bounds memory for hu
 
 @dataclass(frozen=True)
 class PartInfo:
+    """What crosses the task boundary: where the part is and the digest of its manifest."""
+
     path: str
     sha256: str
     n_tensors: int
@@ -41,32 +43,43 @@ def _row_chunks(n_rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
         yield a, min(n_rows, a + step)
 
 
-def _tensor_chunks(job: TensorJob, raw: np.ndarray | None, file: str) -> Iterator[bytes | memoryview]:
-    """Output bytes of one tensor, a block of rows at a time."""
+def _tensor_chunks(job: TensorJob, fd: int | None, entry: TensorEntry | None,
+                   file: str) -> Iterator[bytes | memoryview]:
+    """Output bytes of one tensor, a block of rows at a time. Rows are read with pread into
+    a fresh buffer, so memory stays at one block whatever the tensor size (a memory map
+    would keep every touched page resident until the whole tensor is done)."""
     if job.transform == "rope_freqs":
         # ref: conversion/gemma.py Gemma4Model.generate_extra_tensors
         p = job.params
         v = np.array([1.0] * p["n_rot"] + [1e30] * p["n_unrot"], dtype=np.float32)
         yield quant.quantize(v, job.qtype).tobytes() if job.qtype != "F32" else v.tobytes()
         return
-    assert raw is not None
+    assert fd is not None and entry is not None
+    np_dtype = DTYPES[entry.dtype][1]
+    item = DTYPES[entry.dtype][0]
+    cols = entry.shape[-1] if entry.shape else 1
+    n_rows = (math.prod(entry.shape) // cols) if entry.shape else 1
     if job.rows is not None:
-        raw = raw[: job.rows]
-    cols = raw.shape[-1] if raw.ndim else 1
-    rows2d = raw.reshape(-1, cols)
-    same = (job.src_dtype == job.qtype and job.transform == "copy")
-    for a, b in _row_chunks(rows2d.shape[0], cols * rows2d.itemsize):
-        block = rows2d[a:b]
-        bad = nonfinite_rows(block, job.src_dtype or "F32")
+        # embedding trimmed to the vocabulary: the first `rows` rows of a 2-D tensor
+        n_rows = job.rows
+    same = job.src_dtype == job.qtype and job.transform == "copy"
+    for a, b in _row_chunks(n_rows, cols * item):
+        want = (b - a) * cols * item
+        buf = os.pread(fd, want, entry.begin + a * cols * item)
+        if len(buf) != want:
+            raise CheckpointError(f"file ends inside this tensor (rows {a}..{b}); the shard is truncated: "
+                                  "download it again", file=file, tensor=job.hf_name)
+        block = np.frombuffer(buf, dtype=np_dtype).reshape(b - a, cols)
+        bad = nonfinite_rows(block, entry.dtype)
         if bad.size:
             raise NonFiniteError(f"{file}: tensor {job.hf_name!r}: row {a + int(bad[0])} holds NaN or Inf; "
                                  "the checkpoint is corrupt or diverged: use a clean checkpoint")
         if same:
-            # BF16/F16/F32 kept as they are: the bytes llama.cpp writes after its round trip
-            # through F32 are the same bytes (no NaN: checked above)
-            yield memoryview(np.ascontiguousarray(block)).cast("B")
+            # BF16/F16/F32 kept as they are: llama.cpp's round trip through F32 gives back
+            # the same bytes (no NaN: checked above)
+            yield buf
             continue
-        x = to_f32(block, job.src_dtype or "F32")
+        x = to_f32(block, entry.dtype)
         if job.transform == "norm_shift":
             x = x + np.float32(job.params["shift"])  # ref: conversion/gemma.py Gemma3Model.norm_shift
         if job.qtype == "F32":
@@ -102,26 +115,23 @@ def convert_shard(plan: ConversionPlan, index: int, out_part: Path) -> PartInfo:
         entries = header.tensors
     tmp = out_part.with_name(out_part.name + f".tmp{os.getpid()}")
     manifest = []
-    whole = hashlib.sha256()
+    fd = os.open(src_path, os.O_RDONLY) if src_path is not None else None
     try:
         with open(tmp, "wb") as fh:
             for job in sj.tensors:
-                raw = None
+                e = None
                 if job.hf_name is not None:
                     e = entries.get(job.hf_name)
                     if e is None or e.shape != job.src_shape or e.dtype != job.src_dtype:
                         raise CheckpointError("tensor missing or changed since planning: plan again",
                                               file=str(src_path), tensor=job.hf_name)
-                    raw = open_tensor(src_path, e)
                 offset = fh.tell()
                 h = hashlib.sha256()
                 n = 0
-                for chunk in _tensor_chunks(job, raw, str(src_path)):
+                for chunk in _tensor_chunks(job, fd, e, str(src_path)):
                     h.update(chunk)
-                    whole.update(chunk)
                     fh.write(chunk)
                     n += len(chunk)
-                del raw
                 if n != job.nbytes:
                     raise QuantizationError(f"tensor {job.gguf_name}: produced {n} bytes, the plan "
                                             f"expects {job.nbytes} for {job.qtype}{list(job.shape)}")
@@ -135,7 +145,11 @@ def convert_shard(plan: ConversionPlan, index: int, out_part: Path) -> PartInfo:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return PartInfo(path=str(out_part), sha256=whole.hexdigest(), n_tensors=len(manifest),
+    finally:
+        if fd is not None:
+            os.close(fd)
+    # the manifest lists every tensor's sha256, so its digest identifies the part's content
+    return PartInfo(path=str(out_part), sha256=hashlib.sha256(body).hexdigest(), n_tensors=len(manifest),
                     nbytes=sum(m["nbytes"] for m in manifest))
 
 
