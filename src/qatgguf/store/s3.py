@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -52,6 +53,15 @@ DEFAULT_MULTIPART_CHUNKSIZE = 64 * MiB
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _AUTH = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 _ENV_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def _quiet_botocore_debug() -> None:
+    """Keep botocore's DEBUG records off: they print the signed request headers, and the
+    Authorization header holds the access key id. A level set on purpose is kept."""
+    for name in ("botocore", "boto3"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
 
 
 class _HashingWriter:
@@ -130,6 +140,7 @@ class S3Store:
     @property
     def client(self) -> Any:
         if self._client is None:
+            _quiet_botocore_debug()
             creds = self._credentials
             session = boto3.session.Session(
                 aws_access_key_id=creds.access_key_id if creds else None,
