@@ -1,39 +1,190 @@
-"""Public entry points. (First version: delegates to gguf-py; replaced by our own kernels.)"""
+"""Public entry points: `quantize`, `dequantize`, `resolve_type`.
+
+Input checks, shapes and row chunking happen here once; the kernels in the family modules
+(`legacy`, `kquants`, `ternary`, `floats`) see flat float32 blocks and flat bytes.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGMLQuantizationType, quants
-from gguf.constants import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType
+from numba import njit
 
-from qatgguf.errors import BlockSizeError, NonFiniteError, UnknownQuantTypeError
+from qatgguf.errors import BlockSizeError, NonFiniteError, QuantizationError, UnknownQuantTypeError
+from qatgguf.quant.registry import KERNELS, _load_kernels, kernel_for, type_size
+
+# Rows are converted and quantized this many float32 elements at a time, so memory beyond
+# the output stays bounded (and the working set stays in cache) for any tensor length.
+CHUNK_ELEMENTS = 1 << 20
+
+# The types llama-quantize falls back to when a row length does not fit the block size.
+# ref: llama-quant.cpp llama_tensor_get_type (the "fallback" switch)
+FALLBACK_TYPES: dict[str, str] = {
+    "Q2_K": "Q4_0",
+    "Q3_K": "Q4_0",
+    "Q4_K": "Q5_0",
+    "Q5_K": "Q5_1",
+    "Q6_K": "Q8_0",
+    "TQ1_0": "Q4_0",
+    "TQ2_0": "Q4_0",
+}
+
+GRIDS = ("qat",)
 
 
 def resolve_type(qtype: str | int | GGMLQuantizationType) -> GGMLQuantizationType:
+    """GGML type from a name ("Q4_K", case-insensitive), an id or the enum.
+
+    Raises UnknownQuantTypeError naming the value.
+    """
     if isinstance(qtype, GGMLQuantizationType):
         return qtype
     if isinstance(qtype, str):
         try:
-            return GGMLQuantizationType[qtype.upper()]
+            return GGMLQuantizationType[qtype.strip().upper()]
         except KeyError:
-            raise UnknownQuantTypeError(f"unknown quantization type {qtype!r}") from None
+            known = ", ".join(t.name for t in GGMLQuantizationType)
+            raise UnknownQuantTypeError(f"unknown quantization type {qtype!r}; known: {known}") from None
     try:
         return GGMLQuantizationType(int(qtype))
-    except ValueError:
+    except (ValueError, TypeError):
         raise UnknownQuantTypeError(f"unknown quantization type id {qtype!r}") from None
 
 
-def quantize(x: np.ndarray, qtype, *, grid: str | None = None) -> np.ndarray:
+def row_bytes(qtype: str | int | GGMLQuantizationType, n: int) -> int:
+    """Bytes one row of `n` elements takes in `qtype` (n must be a multiple of the block)."""
     t = resolve_type(qtype)
-    block, _ = GGML_QUANT_SIZES[t]
-    x = np.asarray(x, dtype=np.float32)
-    if x.shape[-1] % block:
-        raise BlockSizeError(f"{t.name} needs rows that are a multiple of {block}; got {x.shape[-1]}")
-    if not np.isfinite(x).all():
-        row = int(np.argwhere(~np.isfinite(x.reshape(-1, x.shape[-1])).any(axis=1))[0][0])
-        raise NonFiniteError(f"row {row} holds NaN or Inf")
-    return quants.quantize(x, t)
+    block, size = type_size(t)
+    _check_row_length(t, n, block, None)
+    return n // block * size
 
 
-def dequantize(data: np.ndarray, qtype) -> np.ndarray:
-    return quants.dequantize(np.asarray(data), resolve_type(qtype))
+@njit(cache=True, nogil=True)
+def _first_nonfinite(u: np.ndarray) -> int:
+    # An integer max over the magnitude bits vectorizes; the position is searched only
+    # when the chunk holds a NaN or Inf (exponent bits all ones).
+    m = np.uint32(0)
+    for i in range(u.size):
+        m = max(m, u[i] & np.uint32(0x7FFFFFFF))
+    if m < np.uint32(0x7F800000):
+        return -1
+    for i in range(u.size):
+        if (u[i] & np.uint32(0x7FFFFFFF)) >= np.uint32(0x7F800000):
+            return i
+    return -1
+
+
+def _check_row_length(t: GGMLQuantizationType, n: int, block: int, name: str | None) -> None:
+    if n % block == 0 and n > 0:
+        return
+    where = f"tensor {name!r}: " if name else ""
+    fallback = FALLBACK_TYPES.get(t.name)
+    fix = (
+        f"use {fallback} for this tensor (llama-quantize's fallback), or a type with a block size dividing {n}"
+        if fallback
+        else f"use a type whose block size divides {n} (F16, BF16 or F32 always do)"
+    )
+    raise BlockSizeError(
+        f"{where}{t.name} needs rows whose length is a multiple of its block size {block}; "
+        f"the row length is {n}. Fix: {fix}"
+    )
+
+
+def _prepare(x: np.ndarray, t: GGMLQuantizationType, name: str | None) -> tuple[np.ndarray, int]:
+    if x.ndim == 0:
+        raise QuantizationError(f"{'tensor ' + repr(name) + ': ' if name else ''}cannot quantize a 0-d scalar")
+    block, _ = type_size(t)
+    n = int(x.shape[-1])
+    _check_row_length(t, n, block, name)
+    return x.reshape(-1, n), n
+
+
+def _chunks(nrows: int, n: int) -> list[tuple[int, int]]:
+    step = max(1, CHUNK_ELEMENTS // max(n, 1))
+    return [(r, min(nrows, r + step)) for r in range(0, nrows, step)]
+
+
+def _as_f32_chunk(rows: np.ndarray, r0: int, r1: int, n: int, name: str | None) -> np.ndarray:
+    c = np.ascontiguousarray(rows[r0:r1], dtype=np.float32).reshape(-1)
+    bad = _first_nonfinite(c.view(np.uint32))
+    if bad >= 0:
+        row = r0 + bad // n
+        col = bad % n
+        where = f"tensor {name!r}" if name else "tensor"
+        raise NonFiniteError(
+            f"{where} holds a non-finite value ({c[bad]}) in row {row}, column {col} "
+            f"(the first bad row); llama.cpp rejects rows with NaN or Inf. "
+            f"Fix: repair or re-export the checkpoint."
+        )
+    return c
+
+
+def quantize(
+    x: np.ndarray,
+    qtype: str | int | GGMLQuantizationType,
+    *,
+    grid: str | None = None,
+    name: str | None = None,
+) -> np.ndarray:
+    """Quantize float rows `x` (shape (..., n)) to GGML blocks, bytes as GGUF stores them.
+
+    Returns uint8 of shape (..., n // block * type_size). Without `grid` the bytes equal
+    ggml's `ggml_quantize_chunk` (no importance matrix). `grid="qat"` (Q4_0, TQ2_0)
+    recovers the integer grid a QAT checkpoint was trained on and keeps it; blocks that
+    are not on a grid get the reference encoding. `name` only labels error messages.
+
+    Raises BlockSizeError (row length), NonFiniteError (NaN/Inf; names the first bad row),
+    UnknownQuantTypeError, QuantizationError (unsupported grid).
+    """
+    t = resolve_type(qtype)
+    kernel = kernel_for(t)
+    x = np.asarray(x)
+    rows, n = _prepare(x, t, name)
+    out = np.empty((*x.shape[:-1], n // kernel.block_size * kernel.type_size), dtype=np.uint8)
+    out_rows = out.reshape(rows.shape[0], -1)
+    if grid is None:
+        for r0, r1 in _chunks(rows.shape[0], n):
+            c = _as_f32_chunk(rows, r0, r1, n, name)
+            kernel.quantize_blocks(c, out_rows[r0:r1].reshape(-1))
+        return out
+    if grid not in GRIDS:
+        raise QuantizationError(f"unknown grid {grid!r}; supported: {', '.join(GRIDS)} or None")
+    from qatgguf.quant.lattice import GridEncoder
+
+    enc = GridEncoder(t, name=name)
+    for r0, r1 in _chunks(rows.shape[0], n):
+        c = _as_f32_chunk(rows, r0, r1, n, name)
+        enc.encode(c, out_rows[r0:r1].reshape(-1))
+    enc.finish(out_rows.reshape(-1))
+    return out
+
+
+def dequantize(data: np.ndarray, qtype: str | int | GGMLQuantizationType) -> np.ndarray:
+    """Decode GGML blocks (uint8 rows of shape (..., nbytes), or a typed F32/F16 array) to
+    float32 of shape (..., n), exactly as ggml's `to_float` does.
+
+    Types without a kernel here (IQ formats, MXFP4, ...) are decoded with gguf-py.
+    Raises UnknownQuantTypeError, QuantizationError (byte length not a whole number of blocks).
+    """
+    t = resolve_type(qtype)
+    arr = np.asarray(data)
+    if arr.dtype != np.uint8:
+        arr = np.ascontiguousarray(arr).view(np.uint8)
+    if arr.ndim == 0:
+        raise QuantizationError("cannot dequantize a 0-d value")
+    _load_kernels()
+    if t not in KERNELS:
+        from gguf import quants
+
+        return np.asarray(quants.dequantize(arr, t), dtype=np.float32)
+    kernel = KERNELS[t]
+    nbytes = int(arr.shape[-1])
+    if nbytes % kernel.type_size:
+        raise QuantizationError(
+            f"{t.name} rows must be a whole number of {kernel.type_size}-byte blocks; got {nbytes} bytes per row"
+        )
+    n = nbytes // kernel.type_size * kernel.block_size
+    rows = np.ascontiguousarray(arr.reshape(-1, nbytes))
+    out = np.empty((*arr.shape[:-1], n), dtype=np.float32)
+    kernel.dequantize_blocks(rows.reshape(-1), out.reshape(-1))
+    return out

@@ -1,0 +1,72 @@
+"""Plain float formats: F32, F16, BF16 (block size 1).
+
+F16 and BF16 use ggml's own conversions (`ggml_fp32_to_fp16_row`,
+`ggml_fp32_to_bf16_row_ref`), the ones `ggml_quantize_chunk` runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from numba import njit
+
+from qatgguf.quant._fp import fp16_to_fp32, fp32_to_bf16, fp32_to_fp16
+from qatgguf.quant.registry import BlockQuant
+
+
+@njit(cache=True, nogil=True)
+def _f32_quantize(x: np.ndarray, out: np.ndarray) -> None:
+    out.view(np.float32)[:] = x
+
+
+@njit(cache=True, nogil=True)
+def _f32_dequantize(data: np.ndarray, y: np.ndarray) -> None:
+    y[:] = data.view(np.float32)
+
+
+class F32Type(BlockQuant, qtype=T.F32):
+    quantize_blocks = staticmethod(_f32_quantize)
+    dequantize_blocks = staticmethod(_f32_dequantize)
+
+
+@njit(cache=True, nogil=True)
+def _f16_quantize(x: np.ndarray, out: np.ndarray) -> None:
+    # ref: ggml.c ggml_fp32_to_fp16_row
+    o = out.view(np.uint16)
+    for i in range(x.size):
+        o[i] = fp32_to_fp16(x[i])
+
+
+@njit(cache=True, nogil=True)
+def _f16_dequantize(data: np.ndarray, y: np.ndarray) -> None:
+    h = data.view(np.uint16)
+    for i in range(y.size):
+        y[i] = fp16_to_fp32(h[i])
+
+
+class F16Type(BlockQuant, qtype=T.F16):
+    quantize_blocks = staticmethod(_f16_quantize)
+    dequantize_blocks = staticmethod(_f16_dequantize)
+
+
+@njit(cache=True, nogil=True)
+def _bf16_quantize(x: np.ndarray, out: np.ndarray) -> None:
+    # ref: ggml.c ggml_fp32_to_bf16_row_ref
+    o = out.view(np.uint16)
+    for i in range(x.size):
+        o[i] = fp32_to_bf16(x[i])
+
+
+@njit(cache=True, nogil=True)
+def _bf16_dequantize(data: np.ndarray, y: np.ndarray) -> None:
+    h = data.view(np.uint16)
+    yu = y.view(np.uint32)
+    for i in range(y.size):
+        yu[i] = np.uint32(h[i]) << np.uint32(16)
+
+
+class BF16Type(BlockQuant, qtype=T.BF16):
+    quantize_blocks = staticmethod(_bf16_quantize)
+    dequantize_blocks = staticmethod(_bf16_dequantize)
+
+

@@ -1,0 +1,686 @@
+"""K-quants (super-blocks of 256): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
+
+Ports of ggml's `quantize_row_*_K_ref` and their helpers (`make_qkx2_quants`,
+`make_qx_quants`, `make_q3_quants`). The scale searches compare float32 error sums, so
+every sum runs in the C loops' sequential order and every product keeps the C
+association (`w*l*x` is `(w*l)*x`); integers are cast to float32 before they meet a
+float, since numba would otherwise widen to float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from numba import njit
+
+from qatgguf.quant._fp import F32, fp16_to_fp32, fp32_to_fp16, nearest_int
+from qatgguf.quant.registry import BlockQuant
+
+_GROUP_MAX_EPS = F32(1e-15)  # ref: ggml-quants.c GROUP_MAX_EPS
+_ZERO = F32(0.0)
+_ONE = F32(1.0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _put_f16(out: np.ndarray, o: int, h: int) -> None:
+    out[o] = h & 0xFF
+    out[o + 1] = (h >> 8) & 0xFF
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _get_f16(data: np.ndarray, o: int) -> float:
+    return fp16_to_fp32(np.uint16(data[o]) | (np.uint16(data[o + 1]) << np.uint16(8)))
+
+
+@njit(cache=True, nogil=True)
+def _make_qkx2_quants(
+    x: np.ndarray,
+    xo: int,
+    n: int,
+    nmax: int,
+    w: np.ndarray,
+    L: np.ndarray,
+    lo: int,
+    laux: np.ndarray,
+    rmin: float,
+    rdelta: float,
+    nstep: int,
+    use_mad: bool,
+) -> tuple[float, float]:
+    """Returns (scale, the_min). ref: ggml-quants.c make_qkx2_quants"""
+    fnmax = F32(nmax)
+    mn = x[xo]
+    mx = x[xo]
+    sum_w = w[0]
+    sum_x = sum_w * x[xo]
+    for i in range(1, n):
+        v = x[xo + i]
+        if v < mn:
+            mn = v
+        if v > mx:
+            mx = v
+        sum_w += w[i]
+        sum_x += w[i] * v
+    if mn > _ZERO:
+        mn = _ZERO
+    if mx == mn:
+        for i in range(n):
+            L[lo + i] = 0
+        return _ZERO, -mn
+    iscale = fnmax / (mx - mn)
+    scale = _ONE / iscale
+    best_error = _ZERO
+    for i in range(n):
+        v = x[xo + i]
+        li = max(0, min(nmax, nearest_int(iscale * (v - mn))))
+        L[lo + i] = li
+        diff = scale * F32(li) + mn - v
+        diff = abs(diff) if use_mad else diff * diff
+        best_error += w[i] * diff
+    if nstep < 1:
+        return scale, -mn
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * F32(step) + fnmax) / (mx - mn)
+        sum_l = _ZERO
+        sum_l2 = _ZERO
+        sum_xl = _ZERO
+        for i in range(n):
+            v = x[xo + i]
+            li = max(0, min(nmax, nearest_int(iscale * (v - mn))))
+            laux[i] = li
+            fl = F32(li)
+            sum_l += w[i] * fl
+            sum_l2 += w[i] * fl * fl
+            sum_xl += w[i] * fl * v
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > _ZERO:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > _ZERO:
+                this_min = _ZERO
+                this_scale = sum_xl / sum_l2
+            cur_error = _ZERO
+            for i in range(n):
+                diff = this_scale * F32(laux[i]) + this_min - x[xo + i]
+                diff = abs(diff) if use_mad else diff * diff
+                cur_error += w[i] * diff
+            if cur_error < best_error:
+                for i in range(n):
+                    L[lo + i] = laux[i]
+                best_error = cur_error
+                scale = this_scale
+                mn = this_min
+    return scale, -mn
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _get_scale_min_k4(j: int, s: np.ndarray, so: int) -> tuple[int, int]:
+    # ref: ggml-quants.c get_scale_min_k4
+    if j < 4:
+        return s[so + j] & 63, s[so + j + 4] & 63
+    return (s[so + j + 4] & 0xF) | ((s[so + j - 4] >> 6) << 4), (s[so + j + 4] >> 4) | ((s[so + j] >> 6) << 4)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _pack_scales_k4(out: np.ndarray, so: int, j: int, ls: int, lm: int) -> None:
+    if j < 4:
+        out[so + j] = ls
+        out[so + j + 4] = lm
+    else:
+        out[so + j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
+        out[so + j - 4] |= (ls >> 4) << 6
+        out[so + j] |= (lm >> 4) << 6
+
+
+@njit(cache=True, nogil=True)
+def _qkx_quantize(x: np.ndarray, out: np.ndarray, nmax: int, rmin: float, step_count: int, bpb: int) -> None:
+    """Q4_K (nmax=15) and Q5_K (nmax=31): one body, the C functions differ only in the
+    search range and the bit packing. ref: quantize_row_q4_K_ref, quantize_row_q5_K_ref"""
+    nb = x.size // 256
+    L = np.empty(256, np.uint8)
+    laux = np.empty(32, np.uint8)
+    weights = np.empty(32, np.float32)
+    mins = np.empty(8, np.float32)
+    scales = np.empty(8, np.float32)
+    for i in range(nb):
+        xb = i * 256
+        o = i * bpb
+        max_scale = _ZERO
+        max_min = _ZERO
+        for j in range(8):
+            sum_x2 = _ZERO
+            for k in range(32):
+                v = x[xb + 32 * j + k]
+                sum_x2 += v * v
+            av_x = np.sqrt(sum_x2 / F32(32.0))
+            for k in range(32):
+                weights[k] = av_x + abs(x[xb + 32 * j + k])
+            sc, mi = _make_qkx2_quants(x, xb + 32 * j, 32, nmax, weights, L, 32 * j, laux, rmin, F32(0.1), step_count, False)
+            scales[j] = sc
+            mins[j] = mi
+            if sc > max_scale:
+                max_scale = sc
+            if mi > max_min:
+                max_min = mi
+        inv_scale = F32(63.0) / max_scale if max_scale > _ZERO else _ZERO
+        inv_min = F32(63.0) / max_min if max_min > _ZERO else _ZERO
+        for k in range(12):
+            out[o + 4 + k] = 0
+        for j in range(8):
+            ls = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
+            lm = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+            _pack_scales_k4(out, o + 4, j, ls, lm)
+        _put_f16(out, o, fp32_to_fp16(max_scale / F32(63.0)))
+        _put_f16(out, o + 2, fp32_to_fp16(max_min / F32(63.0)))
+        dd = _get_f16(out, o)
+        dmin = _get_f16(out, o + 2)
+        for j in range(8):
+            sc, m = _get_scale_min_k4(j, out, o + 4)
+            d = dd * F32(sc)
+            if d == _ZERO:
+                continue
+            dm = dmin * F32(m)
+            for k in range(32):
+                li = nearest_int((x[xb + 32 * j + k] + dm) / d)
+                L[32 * j + k] = max(0, min(nmax, li))
+        if nmax == 15:
+            q = o + 16
+            for j in range(0, 256, 64):
+                for k in range(32):
+                    out[q + k] = L[j + k] | (L[j + k + 32] << 4)
+                q += 32
+        else:
+            qh = o + 16
+            ql = o + 48
+            for k in range(32):
+                out[qh + k] = 0
+            m1 = 1
+            m2 = 2
+            for n in range(0, 256, 64):
+                for k in range(32):
+                    l1 = np.int32(L[n + k])
+                    if l1 > 15:
+                        l1 -= 16
+                        out[qh + k] |= m1
+                    l2 = np.int32(L[n + k + 32])
+                    if l2 > 15:
+                        l2 -= 16
+                        out[qh + k] |= m2
+                    out[ql + k] = l1 | (l2 << 4)
+                m1 <<= 2
+                m2 <<= 2
+                ql += 32
+
+
+@njit(cache=True, nogil=True)
+def _q4_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
+    _qkx_quantize(x, out, 15, F32(-1.0), 20, 144)
+
+
+@njit(cache=True, nogil=True)
+def _q5_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
+    _qkx_quantize(x, out, 31, F32(-0.5), 15, 176)
+
+
+@njit(cache=True, nogil=True)
+def _q4_k_dequantize(data: np.ndarray, y: np.ndarray) -> None:
+    # ref: ggml-quants.c dequantize_row_q4_K
+    nb = y.size // 256
+    for i in range(nb):
+        o = i * 144
+        d = _get_f16(data, o)
+        dmin = _get_f16(data, o + 2)
+        q = o + 16
+        yo = i * 256
+        s = 0
+        for _ in range(4):
+            sc, m = _get_scale_min_k4(s, data, o + 4)
+            d1 = d * F32(sc)
+            m1 = dmin * F32(m)
+            sc, m = _get_scale_min_k4(s + 1, data, o + 4)
+            d2 = d * F32(sc)
+            m2 = dmin * F32(m)
+            for k in range(32):
+                y[yo + k] = d1 * F32(data[q + k] & 0xF) - m1
+            for k in range(32):
+                y[yo + 32 + k] = d2 * F32(data[q + k] >> 4) - m2
+            q += 32
+            yo += 64
+            s += 2
+
+
+@njit(cache=True, nogil=True)
+def _q5_k_dequantize(data: np.ndarray, y: np.ndarray) -> None:
+    # ref: ggml-quants.c dequantize_row_q5_K
+    nb = y.size // 256
+    for i in range(nb):
+        o = i * 176
+        d = _get_f16(data, o)
+        dmin = _get_f16(data, o + 2)
+        qh = o + 16
+        ql = o + 48
+        yo = i * 256
+        s = 0
+        u1 = 1
+        u2 = 2
+        for _ in range(4):
+            sc, m = _get_scale_min_k4(s, data, o + 4)
+            d1 = d * F32(sc)
+            m1 = dmin * F32(m)
+            sc, m = _get_scale_min_k4(s + 1, data, o + 4)
+            d2 = d * F32(sc)
+            m2 = dmin * F32(m)
+            for k in range(32):
+                hi = 16 if data[qh + k] & u1 else 0
+                y[yo + k] = d1 * F32((data[ql + k] & 0xF) + hi) - m1
+            for k in range(32):
+                hi = 16 if data[qh + k] & u2 else 0
+                y[yo + 32 + k] = d2 * F32((data[ql + k] >> 4) + hi) - m2
+            ql += 32
+            yo += 64
+            s += 2
+            u1 <<= 2
+            u2 <<= 2
+
+
+class Q4_K(BlockQuant, qtype=T.Q4_K):
+    quantize_blocks = staticmethod(_q4_k_quantize)
+    dequantize_blocks = staticmethod(_q4_k_dequantize)
+
+
+class Q5_K(BlockQuant, qtype=T.Q5_K):
+    quantize_blocks = staticmethod(_q5_k_quantize)
+    dequantize_blocks = staticmethod(_q5_k_dequantize)
+
+
+# ---------------------------------------------------------------- Q6_K
+
+
+@njit(cache=True, nogil=True)
+def _make_qx_quants_rmse1(x: np.ndarray, xo: int, n: int, nmax: int, L: np.ndarray, lo: int) -> float:
+    """make_qx_quants with rmse_type=1 and no importance weights (w = x*x).
+
+    ref: ggml-quants.c make_qx_quants
+    """
+    mx = _ZERO
+    amax = _ZERO
+    for i in range(n):
+        ax = abs(x[xo + i])
+        if ax > amax:
+            amax = ax
+            mx = x[xo + i]
+    if amax < _GROUP_MAX_EPS:
+        for i in range(n):
+            L[lo + i] = 0
+        return _ZERO
+    fnmax = F32(nmax)
+    iscale = -fnmax / mx
+    sumlx = _ZERO
+    suml2 = _ZERO
+    for i in range(n):
+        v = x[xo + i]
+        li = max(-nmax, min(nmax - 1, nearest_int(iscale * v)))
+        L[lo + i] = li + nmax
+        w = v * v
+        fl = F32(li)
+        sumlx += w * v * fl
+        suml2 += w * fl * fl
+    scale = sumlx / suml2 if suml2 != _ZERO else _ZERO
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(fnmax + F32(0.1) * F32(step)) / mx
+        sumlx = _ZERO
+        suml2 = _ZERO
+        for i in range(n):
+            v = x[xo + i]
+            li = max(-nmax, min(nmax - 1, nearest_int(iscale * v)))
+            w = v * v
+            fl = F32(li)
+            sumlx += w * v * fl
+            suml2 += w * fl * fl
+        if suml2 > _ZERO and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                li = nearest_int(iscale * x[xo + i])
+                L[lo + i] = nmax + max(-nmax, min(nmax - 1, li))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@njit(cache=True, nogil=True)
+def _q6_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
+    # ref: ggml-quants.c quantize_row_q6_K_ref
+    nb = x.size // 256
+    L = np.empty(256, np.int32)
+    scales = np.empty(16, np.float32)
+    for i in range(nb):
+        xb = i * 256
+        o = i * 210
+        max_scale = _ZERO
+        max_abs_scale = _ZERO
+        for ib in range(16):
+            scale = _make_qx_quants_rmse1(x, xb + 16 * ib, 16, 32, L, 16 * ib)
+            scales[ib] = scale
+            if abs(scale) > max_abs_scale:
+                max_abs_scale = abs(scale)
+                max_scale = scale
+        if max_abs_scale < _GROUP_MAX_EPS:
+            for k in range(210):
+                out[o + k] = 0
+            continue
+        iscale = F32(-128.0) / max_scale
+        _put_f16(out, o + 208, fp32_to_fp16(_ONE / iscale))
+        for ib in range(16):
+            out[o + 192 + ib] = min(127, nearest_int(iscale * scales[ib])) & 0xFF
+        dd = _get_f16(out, o + 208)
+        for j in range(16):
+            d = dd * F32(np.int8(out[o + 192 + j]))
+            if d == _ZERO:
+                continue
+            for k in range(16):
+                li = nearest_int(x[xb + 16 * j + k] / d)
+                L[16 * j + k] = max(-32, min(31, li)) + 32
+        ql = o
+        qh = o + 128
+        for j in range(0, 256, 128):
+            for k in range(32):
+                q1 = L[j + k] & 0xF
+                q2 = L[j + k + 32] & 0xF
+                q3 = L[j + k + 64] & 0xF
+                q4 = L[j + k + 96] & 0xF
+                out[ql + k] = q1 | (q3 << 4)
+                out[ql + k + 32] = q2 | (q4 << 4)
+                out[qh + k] = (
+                    (L[j + k] >> 4)
+                    | ((L[j + k + 32] >> 4) << 2)
+                    | ((L[j + k + 64] >> 4) << 4)
+                    | ((L[j + k + 96] >> 4) << 6)
+                ) & 0xFF
+            ql += 64
+            qh += 32
+
+
+@njit(cache=True, nogil=True)
+def _q6_k_dequantize(data: np.ndarray, y: np.ndarray) -> None:
+    # ref: ggml-quants.c dequantize_row_q6_K
+    nb = y.size // 256
+    for i in range(nb):
+        o = i * 210
+        d = _get_f16(data, o + 208)
+        ql = o
+        qh = o + 128
+        sc = o + 192
+        yo = i * 256
+        for _ in range(2):
+            for k in range(32):
+                s = k // 16
+                h = data[qh + k]
+                q1 = np.int32((data[ql + k] & 0xF) | ((h & 3) << 4)) - 32
+                q2 = np.int32((data[ql + k + 32] & 0xF) | (((h >> 2) & 3) << 4)) - 32
+                q3 = np.int32((data[ql + k] >> 4) | (((h >> 4) & 3) << 4)) - 32
+                q4 = np.int32((data[ql + k + 32] >> 4) | (((h >> 6) & 3) << 4)) - 32
+                y[yo + k] = d * F32(np.int8(data[sc + s])) * F32(q1)
+                y[yo + k + 32] = d * F32(np.int8(data[sc + s + 2])) * F32(q2)
+                y[yo + k + 64] = d * F32(np.int8(data[sc + s + 4])) * F32(q3)
+                y[yo + k + 96] = d * F32(np.int8(data[sc + s + 6])) * F32(q4)
+            yo += 128
+            ql += 64
+            qh += 32
+            sc += 8
+
+
+class Q6_K(BlockQuant, qtype=T.Q6_K):
+    quantize_blocks = staticmethod(_q6_k_quantize)
+    dequantize_blocks = staticmethod(_q6_k_dequantize)
+
+
+# ---------------------------------------------------------------- Q2_K
+
+
+@njit(cache=True, nogil=True)
+def _q2_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
+    # ref: ggml-quants.c quantize_row_q2_K_ref; layout scales[16] qs[64] d dmin
+    nb = x.size // 256
+    L = np.empty(256, np.uint8)
+    laux = np.empty(16, np.uint8)
+    weights = np.empty(16, np.float32)
+    mins = np.empty(16, np.float32)
+    scales = np.empty(16, np.float32)
+    q4scale = F32(15.0)
+    for i in range(nb):
+        xb = i * 256
+        o = i * 84
+        max_scale = _ZERO
+        max_min = _ZERO
+        for j in range(16):
+            for k in range(16):
+                weights[k] = abs(x[xb + 16 * j + k])
+            sc, mi = _make_qkx2_quants(x, xb + 16 * j, 16, 3, weights, L, 16 * j, laux, F32(-0.5), F32(0.1), 15, True)
+            scales[j] = sc
+            mins[j] = mi
+            if sc > max_scale:
+                max_scale = sc
+            if mi > max_min:
+                max_min = mi
+        if max_scale > _ZERO:
+            iscale = q4scale / max_scale
+            for j in range(16):
+                out[o + j] = nearest_int(iscale * scales[j]) & 0xFF
+            _put_f16(out, o + 80, fp32_to_fp16(max_scale / q4scale))
+        else:
+            for j in range(16):
+                out[o + j] = 0
+            _put_f16(out, o + 80, fp32_to_fp16(_ZERO))
+        if max_min > _ZERO:
+            iscale = q4scale / max_min
+            for j in range(16):
+                out[o + j] |= (nearest_int(iscale * mins[j]) << 4) & 0xFF
+            _put_f16(out, o + 82, fp32_to_fp16(max_min / q4scale))
+        else:
+            _put_f16(out, o + 82, fp32_to_fp16(_ZERO))
+        dd = _get_f16(out, o + 80)
+        dmin = _get_f16(out, o + 82)
+        for j in range(16):
+            d = dd * F32(out[o + j] & 0xF)
+            if d == _ZERO:
+                continue
+            dm = dmin * F32(out[o + j] >> 4)
+            for k in range(16):
+                li = nearest_int((x[xb + 16 * j + k] + dm) / d)
+                L[16 * j + k] = max(0, min(3, li))
+        for j in range(0, 256, 128):
+            for k in range(32):
+                out[o + 16 + j // 4 + k] = L[j + k] | (L[j + k + 32] << 2) | (L[j + k + 64] << 4) | (L[j + k + 96] << 6)
+
+
+@njit(cache=True, nogil=True)
+def _q2_k_dequantize(data: np.ndarray, y: np.ndarray) -> None:
+    # ref: ggml-quants.c dequantize_row_q2_K
+    nb = y.size // 256
+    for i in range(nb):
+        o = i * 84
+        d = _get_f16(data, o + 80)
+        mn = _get_f16(data, o + 82)
+        q = o + 16
+        yo = i * 256
+        s = 0
+        for _ in range(2):
+            shift = 0
+            for _j in range(4):
+                sc = data[o + s]
+                s += 1
+                dl = d * F32(sc & 0xF)
+                ml = mn * F32(sc >> 4)
+                for k in range(16):
+                    y[yo + k] = dl * F32((data[q + k] >> shift) & 3) - ml
+                yo += 16
+                sc = data[o + s]
+                s += 1
+                dl = d * F32(sc & 0xF)
+                ml = mn * F32(sc >> 4)
+                for k in range(16):
+                    y[yo + k] = dl * F32((data[q + 16 + k] >> shift) & 3) - ml
+                yo += 16
+                shift += 2
+            q += 32
+
+
+class Q2_K(BlockQuant, qtype=T.Q2_K):
+    quantize_blocks = staticmethod(_q2_k_quantize)
+    dequantize_blocks = staticmethod(_q2_k_dequantize)
+
+
+# ---------------------------------------------------------------- Q3_K
+
+
+@njit(cache=True, nogil=True)
+def _make_q3_quants_rmse(x: np.ndarray, xo: int, n: int, nmax: int, L: np.ndarray, lo: int) -> float:
+    """make_q3_quants with do_rmse=true. ref: ggml-quants.c make_q3_quants"""
+    mx = _ZERO
+    amax = _ZERO
+    for i in range(n):
+        ax = abs(x[xo + i])
+        if ax > amax:
+            amax = ax
+            mx = x[xo + i]
+    if amax < _GROUP_MAX_EPS:
+        for i in range(n):
+            L[lo + i] = 0
+        return _ZERO
+    iscale = -F32(nmax) / mx
+    sumlx = _ZERO
+    suml2 = _ZERO
+    for i in range(n):
+        v = x[xo + i]
+        li = max(-nmax, min(nmax - 1, nearest_int(iscale * v)))
+        L[lo + i] = li
+        w = v * v
+        fl = F32(li)
+        sumlx += w * v * fl
+        suml2 += w * fl * fl
+    for _itry in range(5):
+        n_changed = 0
+        for i in range(n):
+            v = x[xo + i]
+            w = v * v
+            fli = F32(L[lo + i])
+            slx = sumlx - w * v * fli
+            if slx > _ZERO:
+                sl2 = suml2 - w * fli * fli
+                new_l = max(-nmax, min(nmax - 1, nearest_int(v * sl2 / slx)))
+                if new_l != L[lo + i]:
+                    fnl = F32(new_l)
+                    slx += w * v * fnl
+                    sl2 += w * fnl * fnl
+                    if sl2 > _ZERO and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[lo + i] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    for i in range(n):
+        L[lo + i] += nmax
+    return sumlx / suml2 if suml2 > _ZERO else _ZERO
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _q3_scale(s: np.ndarray, so: int, j: int) -> int:
+    # 6-bit signed sub-block scale: low 4 bits in scales[0..7], high 2 bits in scales[8..11]
+    if j < 8:
+        lo = np.int64(s[so + j]) & 0xF
+    else:
+        lo = np.int64(s[so + j - 8]) >> 4
+    hi = (np.int64(s[so + 8 + j % 4]) >> (2 * (j // 4))) & 3
+    return (lo | (hi << 4)) - 32
+
+
+@njit(cache=True, nogil=True)
+def _q3_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
+    # ref: ggml-quants.c quantize_row_q3_K_ref; layout hmask[32] qs[64] scales[12] d
+    nb = x.size // 256
+    L = np.empty(256, np.int32)
+    scales = np.empty(16, np.float32)
+    for i in range(nb):
+        xb = i * 256
+        o = i * 110
+        so = o + 96
+        max_scale = _ZERO
+        amax = _ZERO
+        for j in range(16):
+            sc = _make_q3_quants_rmse(x, xb + 16 * j, 16, 4, L, 16 * j)
+            scales[j] = sc
+            if abs(sc) > amax:
+                amax = abs(sc)
+                max_scale = sc
+        for k in range(12):
+            out[so + k] = 0
+        if max_scale != _ZERO:
+            iscale = F32(-32.0) / max_scale
+            for j in range(16):
+                li = np.int32(np.int8(nearest_int(iscale * scales[j]) & 0xFF))
+                li = max(-32, min(31, li)) + 32
+                if j < 8:
+                    out[so + j] = li & 0xF
+                else:
+                    out[so + j - 8] |= (li & 0xF) << 4
+                li >>= 4
+                out[so + j % 4 + 8] |= li << (2 * (j // 4))
+            _put_f16(out, o + 108, fp32_to_fp16(_ONE / iscale))
+        else:
+            _put_f16(out, o + 108, fp32_to_fp16(_ZERO))
+        dd = _get_f16(out, o + 108)
+        for j in range(16):
+            sc8 = _q3_scale(out, so, j)
+            d = dd * F32(sc8)
+            if d == _ZERO:
+                continue
+            for k in range(16):
+                li = nearest_int(x[xb + 16 * j + k] / d)
+                L[16 * j + k] = max(-4, min(3, li)) + 4
+        for k in range(32):
+            out[o + k] = 0
+        m = 0
+        hm = 1
+        for j in range(256):
+            if L[j] > 3:
+                out[o + m] |= hm
+                L[j] -= 4
+            m += 1
+            if m == 32:
+                m = 0
+                hm <<= 1
+        for j in range(0, 256, 128):
+            for k in range(32):
+                out[o + 32 + j // 4 + k] = (
+                    L[j + k] | (L[j + k + 32] << 2) | (L[j + k + 64] << 4) | (L[j + k + 96] << 6)
+                ) & 0xFF
+
+
+@njit(cache=True, nogil=True)
+def _q3_k_dequantize(data: np.ndarray, y: np.ndarray) -> None:
+    # ref: ggml-quants.c dequantize_row_q3_K (scales unpacked as the quantizer packs them)
+    nb = y.size // 256
+    for i in range(nb):
+        o = i * 110
+        so = o + 96
+        d_all = _get_f16(data, o + 108)
+        yo = i * 256
+        for j in range(16):
+            sc8 = _q3_scale(data, so, j)
+            dl = d_all * F32(sc8)
+            for k in range(16):
+                e = 16 * j + k  # element index inside the super-block
+                half = e // 128
+                r = e % 128
+                shift = 2 * (r // 32)
+                lq = (data[o + 32 + 32 * half + r % 32] >> shift) & 3
+                hbit = (data[o + e % 32] >> (e // 32)) & 1
+                y[yo + e] = dl * F32(np.int32(lq) - (0 if hbit else 4))
+
+
+class Q3_K(BlockQuant, qtype=T.Q3_K):
+    quantize_blocks = staticmethod(_q3_k_quantize)
+    dequantize_blocks = staticmethod(_q3_k_dequantize)

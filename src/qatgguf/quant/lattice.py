@@ -1,0 +1,444 @@
+"""QAT grid recovery: keep the integer grid a quantization-aware-trained checkpoint was
+trained on, instead of recomputing scales.
+
+A QAT int-k checkpoint stores, per block, `w_i = bf16(s * k_i)` with integer codes k_i
+and one scale s. The reference quantizers re-derive the scale from the block maximum,
+which re-rounds every code unless the maximum happens to carry the extreme code. Here,
+per block (ref: docs of the project, "gguf-formats-and-qat-lattice", section 3b):
+
+1. the max-|w| element carries the largest |k| = m; try s = amax/m for m from the
+   largest code magnitude down (finest grid first);
+2. k_i = rint(w_i / s); k_i = 0 only where w_i = 0; the codes must fit the format in
+   one of the two orientations (d = +s or d = -s);
+3. every w_i bounds s to the bf16 rounding interval of w_i divided by |k_i|; the
+   intersection [S_lo, S_hi] must be non-empty;
+4. among the fp16 values c in [S_lo, S_hi], keep those with bf16(c * k_i) == w_i for
+   every i (exact; c * k_i is exact in float32), and take the one closest to the least-
+   squares scale; when >= 99% of a tensor's grid blocks admit a bf16-valued c, the
+   scales were bf16 in training and the bf16 candidate is taken (recovering s exactly);
+5. a block with no grid gets ggml's reference encoding.
+
+Q4_0 holds codes [-8, 7] (d > 0) or [-7, 8] (d < 0); TQ2_0 holds [-1, 2]*d, so the
+2-bit grids {-2,-1,0,1}*s (d = -s) and {-1,0,1,2}*s (d = +s) both fit exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from numba import njit
+
+from qatgguf.errors import CheckpointError, QuantizationError
+from qatgguf.quant._fp import F32, bits_f32, f32_bits, fp16_to_fp32, fp32_to_bf16, fp32_to_fp16, nearest_int
+from qatgguf.quant.legacy import _q4_0_quantize
+from qatgguf.quant.ternary import _tq2_0_quantize
+
+_NO_CAND = 0xFFFF
+_WIDEN_LO = F32(1.0 - 2.0**-20)
+_WIDEN_HI = F32(1.0 + 2.0**-20)
+BF16_PREFERENCE = 0.99  # share of grid blocks with a bf16 candidate that marks bf16 QAT scales
+
+# (block, bytes, lowest code, highest code, largest |k| tried, offset of d)
+_FORMATS: dict[T, tuple[int, int, int, int, int, int]] = {
+    T.Q4_0: (32, 18, -8, 7, 8, 0),
+    T.TQ2_0: (256, 66, -1, 2, 2, 64),
+}
+
+
+@njit(cache=True, nogil=True)
+def _recover_block(
+    x: np.ndarray, b: int, n: int, kmin: int, kmax: int, mtop: int, k: np.ndarray
+) -> tuple[int, int, int, int, int]:
+    """(m, sign, fp16 any-candidate, fp16 bf16-candidate, signed code of the max element).
+
+    m = 0: no grid. sign = +1: d = +c, q = k - kmin; sign = -1: d = -c, q = -k - kmin.
+    The any-candidate is fp16(least-squares scale) | 0x10000 when no fp16 value is exact.
+    """
+    amax = F32(0.0)
+    imax = 0
+    for i in range(n):
+        u = f32_bits(x[b + i])
+        if (u & np.uint32(0xFFFF)) != 0:  # not a bf16 value: not a bf16 QAT checkpoint
+            return 0, 0, 0, 0, 0
+        a = abs(x[b + i])
+        if a > amax:
+            amax = a
+            imax = i
+    if amax == F32(0.0):
+        return 0, 0, 0, 0, 0
+    for m in range(mtop, 0, -1):
+        s = amax / F32(m)
+        kl = 0
+        kh = 0
+        s_lo = F32(0.0)
+        s_hi = F32(np.inf)
+        sum_wk = F32(0.0)
+        sum_kk = F32(0.0)
+        ok = True
+        for i in range(n):
+            w = x[b + i]
+            ki = nearest_int(w / s)
+            k[i] = ki
+            if w == F32(0.0):
+                continue
+            if ki == 0:
+                ok = False
+                break
+            kl = min(kl, ki)
+            kh = max(kh, ki)
+            ak = F32(abs(ki))
+            u = f32_bits(abs(w))
+            lo = bits_f32(np.uint32(u - np.uint32(0x8000))) / ak
+            hi = bits_f32(np.uint32(u + np.uint32(0x8000))) / ak
+            s_lo = max(s_lo, lo)
+            s_hi = min(s_hi, hi)
+            if s_lo > s_hi * _WIDEN_HI:
+                ok = False
+                break
+            sum_wk += abs(w) * ak
+            sum_kk += ak * ak
+        if not ok:
+            continue
+        if kl >= kmin and kh <= kmax:
+            sign = 1
+        elif -kh >= kmin and -kl <= kmax:
+            sign = -1
+        else:
+            continue
+        s_ls = sum_wk / sum_kk
+        lo_b = s_lo * _WIDEN_LO
+        hi_b = s_hi * _WIDEN_HI
+        h = np.int64(fp32_to_fp16(lo_b))
+        if h > 1 and fp16_to_fp32(np.uint16(h)) > lo_b:
+            h -= 1
+        best_any = -1
+        best_any_dist = F32(np.inf)
+        best_bf = -1
+        best_bf_dist = F32(np.inf)
+        for _ in range(64):
+            if h >= 0x7C00:
+                break
+            c = fp16_to_fp32(np.uint16(h))
+            if c > hi_b:
+                break
+            if c > F32(0.0):
+                exact = True
+                for i in range(n):
+                    w = x[b + i]
+                    if w == F32(0.0):
+                        continue
+                    v = c * F32(abs(k[i]))
+                    if fp32_to_bf16(v) != (f32_bits(abs(w)) >> np.uint32(16)):
+                        exact = False
+                        break
+                if exact:
+                    dist = abs(c - s_ls)
+                    if dist < best_any_dist:
+                        best_any_dist = dist
+                        best_any = h
+                    if (f32_bits(c) & np.uint32(0xFFFF)) == 0 and dist < best_bf_dist:
+                        best_bf_dist = dist
+                        best_bf = h
+            h += 1
+        if best_any < 0:
+            hl = np.int64(fp32_to_fp16(s_ls))
+            if hl == 0 or hl >= 0x7C00:
+                return 0, 0, 0, 0, 0  # scale outside fp16: the reference encoding it is
+            best_any = hl | 0x10000
+        if best_bf < 0:
+            best_bf = _NO_CAND
+        return m, sign, best_any, best_bf, k[imax]
+    return 0, 0, 0, 0, 0
+
+
+@njit(cache=True, nogil=True)
+def _grid_encode(
+    x: np.ndarray,
+    out: np.ndarray,
+    cand_any: np.ndarray,
+    cand_bf: np.ndarray,
+    neg: np.ndarray,
+    kcode: np.ndarray,
+    fmt: int,
+) -> None:
+    """Encode blocks; codes are final, the scale of each grid block is left for `_write_scales`.
+
+    cand_any bit 16 set: no exact fp16 scale; kcode: signed code of the max element, 0 = no grid.
+    fmt 0 = Q4_0, 1 = TQ2_0.
+    """
+    if fmt == 0:
+        bs, ts, kmin, kmax, mtop = 32, 18, -8, 7, 8
+    else:
+        bs, ts, kmin, kmax, mtop = 256, 66, -1, 2, 2
+    nb = x.size // bs
+    k = np.empty(bs, np.int64)
+    for i in range(nb):
+        b = i * bs
+        o = i * ts
+        m, sign, c_any, c_bf, kc = _recover_block(x, b, bs, kmin, kmax, mtop, k)
+        if m == 0:
+            kcode[i] = 0
+            cand_any[i] = 0
+            cand_bf[i] = _NO_CAND
+            neg[i] = 0
+            if fmt == 0:
+                _q4_0_quantize(x[b : b + bs], out[o : o + ts])
+            else:
+                _tq2_0_quantize(x[b : b + bs], out[o : o + ts])
+            continue
+        kcode[i] = kc
+        cand_any[i] = c_any
+        cand_bf[i] = c_bf
+        neg[i] = 1 if sign < 0 else 0
+        if fmt == 0:
+            for j in range(16):
+                q0 = sign * k[j] - kmin
+                q1 = sign * k[j + 16] - kmin
+                out[o + 2 + j] = q0 | (q1 << 4)
+        else:
+            for jj in range(2):
+                for mm in range(32):
+                    q = 0
+                    for nn in range(4):
+                        q |= (sign * k[128 * jj + 32 * nn + mm] - kmin) << (2 * nn)
+                    out[o + 32 * jj + mm] = q
+
+
+@njit(cache=True, nogil=True)
+def _write_scales(
+    out: np.ndarray, cand_any: np.ndarray, cand_bf: np.ndarray, neg: np.ndarray, kcode: np.ndarray,
+    ts: int, doff: int, prefer_bf: bool,
+) -> None:
+    for i in range(kcode.size):
+        if kcode[i] == 0:
+            continue
+        h = cand_any[i] & 0xFFFF
+        if prefer_bf and cand_bf[i] != _NO_CAND:
+            h = cand_bf[i]
+        if neg[i]:
+            h |= 0x8000
+        out[i * ts + doff] = h & 0xFF
+        out[i * ts + doff + 1] = (h >> 8) & 0xFF
+
+
+@dataclass
+class GridStats:
+    """What the grid search found over a tensor."""
+
+    blocks: int = 0
+    on_grid: int = 0
+    exact_scale: int = 0  # grid blocks with an fp16 scale that reproduces every weight
+    bf16_scale: int = 0  # grid blocks with a bf16-valued such scale
+    max_codes: dict[int, int] = field(default_factory=dict)  # signed code of the max element -> blocks
+
+    @property
+    def fraction(self) -> float:
+        return self.on_grid / self.blocks if self.blocks else 0.0
+
+    def add(self, kcode: np.ndarray, cand_any: np.ndarray, cand_bf: np.ndarray) -> None:
+        found = kcode != 0
+        self.blocks += int(kcode.size)
+        self.on_grid += int(found.sum())
+        self.exact_scale += int((found & (cand_any < 0x10000)).sum())
+        self.bf16_scale += int((found & (cand_bf != _NO_CAND)).sum())
+        codes, counts = np.unique(kcode[found], return_counts=True)
+        for c, cnt in zip(codes.tolist(), counts.tolist(), strict=True):
+            self.max_codes[int(c)] = self.max_codes.get(int(c), 0) + int(cnt)
+
+    def scale_rounding(self) -> str:
+        """bf16, f16 or f32: the precision the QAT scales had, as far as the data shows."""
+        if not self.on_grid:
+            return "none"
+        if self.bf16_scale >= BF16_PREFERENCE * self.on_grid:
+            return "bf16"
+        if self.exact_scale >= 0.999 * self.on_grid:
+            return "f16"
+        return "f32"
+
+
+class GridEncoder:
+    """Grid-aligned encoder for one tensor, fed in row chunks, then `finish`ed.
+
+    The scale choice depends on the whole tensor (bf16 scales or not), so the codes are
+    written chunk by chunk and the per-block scales once at the end.
+    """
+
+    def __init__(self, qtype: T, *, name: str | None = None) -> None:
+        if qtype not in _FORMATS:
+            raise QuantizationError(
+                f"{'tensor ' + repr(name) + ': ' if name else ''}grid='qat' supports "
+                f"{', '.join(t.name for t in _FORMATS)}; got {qtype.name}. Fix: use one of those types "
+                f"or grid=None"
+            )
+        self.qtype = qtype
+        self.block, self.type_size, _, _, _, self.doff = _FORMATS[qtype]
+        self.fmt = 0 if qtype == T.Q4_0 else 1
+        self.stats = GridStats()
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def encode(self, x: np.ndarray, out: np.ndarray) -> None:
+        """Encode flat float32 blocks `x` into flat bytes `out` (consecutive chunks)."""
+        nb = x.size // self.block
+        cand_any = np.empty(nb, np.int64)
+        cand_bf = np.empty(nb, np.int64)
+        neg = np.empty(nb, np.uint8)
+        kcode = np.empty(nb, np.int8)
+        _grid_encode(x, out, cand_any, cand_bf, neg, kcode, self.fmt)
+        self.stats.add(kcode, cand_any, cand_bf)
+        self._parts.append((cand_any.astype(np.uint32), cand_bf.astype(np.uint16), neg, kcode))
+
+    def finish(self, out: np.ndarray) -> GridStats:
+        """Write the scales of all grid blocks into `out` (the whole tensor, flat)."""
+        prefer_bf = self.stats.scale_rounding() == "bf16"
+        pos = 0
+        for cand_any, cand_bf, neg, kcode in self._parts:
+            nbytes = kcode.size * self.type_size
+            _write_scales(
+                out[pos : pos + nbytes], cand_any.astype(np.int64), cand_bf.astype(np.int64), neg, kcode,
+                self.type_size, self.doff, prefer_bf,
+            )
+            pos += nbytes
+        self._parts.clear()
+        return self.stats
+
+
+def scan_grid(x: np.ndarray, qtype: T | str = T.Q4_0) -> GridStats:
+    """Grid statistics of float rows `x` (..., n) for Q4_0 or TQ2_0, without keeping output."""
+    from qatgguf.quant.api import CHUNK_ELEMENTS, resolve_type
+
+    t = resolve_type(qtype)
+    enc = GridEncoder(t)
+    flat = np.asarray(x).reshape(-1)
+    usable = flat.size // enc.block * enc.block
+    step = max(enc.block, CHUNK_ELEMENTS // enc.block * enc.block)
+    for p in range(0, usable, step):
+        c = np.ascontiguousarray(flat[p : min(usable, p + step)], dtype=np.float32)
+        buf = np.empty(c.size // enc.block * enc.type_size, np.uint8)
+        enc.encode(c, buf)
+    enc._parts.clear()
+    return enc.stats
+
+
+# ------------------------------------------------------------------ recipe signature
+
+
+def recipe_signature(stats: GridStats) -> dict[str, object]:
+    """Which code the block maximum maps to (share of grid blocks), the scale rounding and
+    the QAT recipe those imply (ref: reference notes section 3b, recipe signature table)."""
+    total = stats.on_grid
+    shares = {f"{c:+d}": round(n / total, 4) for c, n in sorted(stats.max_codes.items())} if total else {}
+    p = {c: n / total for c, n in stats.max_codes.items()} if total else {}
+    neg8, pos8, pos7 = p.get(-8, 0.0), p.get(8, 0.0), p.get(7, 0.0)
+    if not total:
+        recipe = "no grid"
+    elif pos8 >= 0.1 and neg8 >= 0.1:
+        recipe = "Q4_0-style: s = max/-8 (the max element always gets -8 in its sign)"
+    elif neg8 + pos8 < 0.01:
+        recipe = "symmetric [-7, 7]: s = amax/7"
+    elif pos7 >= 0.25:
+        recipe = "symmetric round: s = amax/7.5 (torchao), codes [-8, 7]"
+    else:
+        recipe = "fixed per-block scale, codes [-8, 7]"
+    return {"max_code_shares": shares, "scale_rounding": stats.scale_rounding(), "recipe": recipe}
+
+
+# ------------------------------------------------------------------ checkpoint report
+
+_ST_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
+
+
+@dataclass(frozen=True)
+class TensorGridReport:
+    """One tensor of a checkpoint: how much of it sits on a 4-bit (Q4_0) and 2-bit (TQ2_0) grid."""
+
+    file: str
+    tensor: str
+    shape: tuple[int, ...]
+    dtype: str
+    q4_blocks: int
+    q4_fraction: float
+    tq2_blocks: int
+    tq2_fraction: float
+    signature: dict[str, object]
+
+
+def _read_header(path: Path) -> tuple[dict[str, dict], int]:
+    try:
+        with path.open("rb") as fh:
+            (hlen,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(hlen))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"not a readable safetensors file ({exc}). Fix: re-download the shard", file=str(path)) from exc
+    header.pop("__metadata__", None)
+    return header, 8 + hlen
+
+
+def _load_tensor(path: Path, name: str, info: dict, base: int) -> np.ndarray:
+    dtype = info.get("dtype")
+    if dtype not in _ST_DTYPES:
+        raise CheckpointError(
+            f"dtype {dtype} is not a float type the grid scan reads (BF16, F16, F32)", file=str(path), tensor=name
+        )
+    start, end = info["data_offsets"]
+    shape = tuple(int(s) for s in info["shape"])
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))
+    arr = raw.view(_ST_DTYPES[dtype])
+    if dtype == "BF16":
+        arr = (arr.astype(np.uint32) << 16).view(np.float32)
+    if arr.size != int(np.prod(shape)):
+        raise CheckpointError(
+            f"data holds {arr.size} elements but the header shape {shape} needs {int(np.prod(shape))}. "
+            f"Fix: re-download the shard",
+            file=str(path),
+            tensor=name,
+        )
+    return arr.reshape(shape)
+
+
+def lattice_report(src_dir: str | Path, *, min_elements: int = 256) -> list[TensorGridReport]:
+    """Scan every float tensor of a safetensors checkpoint (a dir or one file), tensor by
+    tensor, for QAT grids. Tensors with fewer than `min_elements` or a last dimension that
+    is not a multiple of 32 are skipped (norms, biases, scalars).
+
+    Raises CheckpointError naming the file (and tensor) on unreadable input.
+    """
+    src = Path(src_dir)
+    files = sorted(src.glob("*.safetensors")) if src.is_dir() else [src]
+    if not files:
+        raise CheckpointError("no *.safetensors files. Fix: point at a checkpoint directory", file=str(src))
+    out: list[TensorGridReport] = []
+    for path in files:
+        header, base = _read_header(path)
+        for name in sorted(header):
+            info = header[name]
+            shape = tuple(int(s) for s in info.get("shape", []))
+            if info.get("dtype") not in _ST_DTYPES or not shape or int(np.prod(shape)) < min_elements:
+                continue
+            if shape[-1] % 32:
+                continue
+            x = _load_tensor(path, name, info, base)
+            q4 = scan_grid(x, T.Q4_0)
+            tq2 = scan_grid(x, T.TQ2_0) if shape[-1] % 256 == 0 else GridStats()
+            out.append(
+                TensorGridReport(
+                    file=path.name,
+                    tensor=name,
+                    shape=shape,
+                    dtype=str(info["dtype"]),
+                    q4_blocks=q4.blocks,
+                    q4_fraction=q4.fraction,
+                    tq2_blocks=tq2.blocks,
+                    tq2_fraction=tq2.fraction,
+                    signature=recipe_signature(q4),
+                )
+            )
+    return out
+
+
+def report_as_dicts(reports: list[TensorGridReport]) -> list[dict[str, object]]:
+    return [asdict(r) | {"shape": list(r.shape)} for r in reports]

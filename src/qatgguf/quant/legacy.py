@@ -1,0 +1,306 @@
+"""The 32-element block formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
+
+Each quantizer is a line-by-line port of ggml's `quantize_row_*_ref` (which
+`ggml_quantize_chunk` runs when no importance matrix is given), float32 throughout, so
+the bytes are identical. The C code converts floats to integers with plain casts; on
+x86 those are `cvttss2si` (truncation, INT_MIN for NaN/Inf/overflow) followed by a
+narrowing to the low byte. The fast path of each block uses a plain truncation, which
+is the same whenever the block's inverse scale is finite; blocks whose scale is a tiny
+subnormal (inverse scale = Inf) take the exact emulation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from numba import njit
+
+from qatgguf.quant._fp import F32, cvtt_i32, fp16_to_fp32, fp32_to_fp16, roundf, to_i8
+from qatgguf.quant.registry import BlockQuant
+
+_F32_MAX = F32(np.finfo(np.float32).max)
+_INF = F32(np.inf)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _put_f16(out: np.ndarray, o: int, h: int) -> None:
+    out[o] = h & 0xFF
+    out[o + 1] = (h >> 8) & 0xFF
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _get_f16(data: np.ndarray, o: int) -> float:
+    return fp16_to_fp32(np.uint16(data[o]) | (np.uint16(data[o + 1]) << np.uint16(8)))
+
+
+# ---------------------------------------------------------------- Q4_0
+
+
+@njit(cache=True, nogil=True)
+def _q4_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
+    # ref: ggml-quants.c quantize_row_q4_0_ref
+    nb = x.size // 32
+    for i in range(nb):
+        b = i * 32
+        amax = F32(0.0)
+        mx = F32(0.0)
+        for j in range(32):
+            v = x[b + j]
+            if amax < abs(v):
+                amax = abs(v)
+                mx = v
+        d = mx / F32(-8.0)
+        inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
+        o = i * 18
+        _put_f16(out, o, fp32_to_fp16(d))
+        if abs(inv) < _INF:
+            for j in range(16):
+                # x*id lies in [-8, 8] here, so the int8 cast is a plain floor of x*id + 8.5
+                xi0 = min(15, np.int32(x[b + j] * inv + F32(8.5)))
+                xi1 = min(15, np.int32(x[b + 16 + j] * inv + F32(8.5)))
+                out[o + 2 + j] = xi0 | (xi1 << 4)
+        else:
+            for j in range(16):
+                xi0 = min(15, to_i8(cvtt_i32(x[b + j] * inv + F32(8.5)))) & 0xFF
+                xi1 = min(15, to_i8(cvtt_i32(x[b + 16 + j] * inv + F32(8.5)))) & 0xFF
+                out[o + 2 + j] = (xi0 | (xi1 << 4)) & 0xFF
+
+
+@njit(cache=True, nogil=True)
+def _q4_0_dequantize(data: np.ndarray, y: np.ndarray) -> None:
+    # ref: ggml-quants.c dequantize_row_q4_0
+    nb = y.size // 32
+    for i in range(nb):
+        o = i * 18
+        d = _get_f16(data, o)
+        for j in range(16):
+            q = data[o + 2 + j]
+            y[i * 32 + j] = F32(np.int32(q & 0x0F) - 8) * d
+            y[i * 32 + 16 + j] = F32(np.int32(q >> 4) - 8) * d
+
+
+class Q4_0(BlockQuant, qtype=T.Q4_0):
+    quantize_blocks = staticmethod(_q4_0_quantize)
+    dequantize_blocks = staticmethod(_q4_0_dequantize)
+
+
+# ---------------------------------------------------------------- Q4_1
+
+
+@njit(cache=True, nogil=True)
+def _q4_1_quantize(x: np.ndarray, out: np.ndarray) -> None:
+    # ref: ggml-quants.c quantize_row_q4_1_ref
+    nb = x.size // 32
+    for i in range(nb):
+        b = i * 32
+        mn = _F32_MAX
+        mx = -_F32_MAX
+        for j in range(32):
+            v = x[b + j]
+            if v < mn:
+                mn = v
+            if v > mx:
+                mx = v
+        d = (mx - mn) / F32(15.0)
+        inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
+        o = i * 20
+        _put_f16(out, o, fp32_to_fp16(d))
+        _put_f16(out, o + 2, fp32_to_fp16(mn))
+        if abs(inv) < _INF and abs(d) < _INF:
+            for j in range(16):
+                xi0 = min(15, np.int32((x[b + j] - mn) * inv + F32(0.5)))
+                xi1 = min(15, np.int32((x[b + 16 + j] - mn) * inv + F32(0.5)))
+                out[o + 4 + j] = xi0 | (xi1 << 4)
+        else:
+            for j in range(16):
+                xi0 = min(15, to_i8(cvtt_i32((x[b + j] - mn) * inv + F32(0.5)))) & 0xFF
+                xi1 = min(15, to_i8(cvtt_i32((x[b + 16 + j] - mn) * inv + F32(0.5)))) & 0xFF
+                out[o + 4 + j] = (xi0 | (xi1 << 4)) & 0xFF
+
+
+@njit(cache=True, nogil=True)
+def _q4_1_dequantize(data: np.ndarray, y: np.ndarray) -> None:
+    # ref: ggml-quants.c dequantize_row_q4_1
+    nb = y.size // 32
+    for i in range(nb):
+        o = i * 20
+        d = _get_f16(data, o)
+        m = _get_f16(data, o + 2)
+        for j in range(16):
+            q = data[o + 4 + j]
+            y[i * 32 + j] = F32(q & 0x0F) * d + m
+            y[i * 32 + 16 + j] = F32(q >> 4) * d + m
+
+
+class Q4_1(BlockQuant, qtype=T.Q4_1):
+    quantize_blocks = staticmethod(_q4_1_quantize)
+    dequantize_blocks = staticmethod(_q4_1_dequantize)
+
+
+# ---------------------------------------------------------------- Q5_0
+
+
+@njit(cache=True, nogil=True)
+def _q5_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
+    # ref: ggml-quants.c quantize_row_q5_0_ref
+    nb = x.size // 32
+    for i in range(nb):
+        b = i * 32
+        amax = F32(0.0)
+        mx = F32(0.0)
+        for j in range(32):
+            v = x[b + j]
+            if amax < abs(v):
+                amax = abs(v)
+                mx = v
+        d = mx / F32(-16.0)
+        inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
+        o = i * 22
+        _put_f16(out, o, fp32_to_fp16(d))
+        qh = np.uint32(0)
+        fast = abs(inv) < _INF
+        for j in range(16):
+            if fast:
+                xi0 = min(31, np.int32(x[b + j] * inv + F32(16.5)))
+                xi1 = min(31, np.int32(x[b + 16 + j] * inv + F32(16.5)))
+            else:
+                xi0 = min(31, to_i8(cvtt_i32(x[b + j] * inv + F32(16.5)))) & 0xFF
+                xi1 = min(31, to_i8(cvtt_i32(x[b + 16 + j] * inv + F32(16.5)))) & 0xFF
+            out[o + 6 + j] = (xi0 & 0x0F) | ((xi1 & 0x0F) << 4)
+            qh |= np.uint32((xi0 & 0x10) >> 4) << np.uint32(j)
+            qh |= np.uint32((xi1 & 0x10) >> 4) << np.uint32(j + 16)
+        for k in range(4):
+            out[o + 2 + k] = (qh >> np.uint32(8 * k)) & np.uint32(0xFF)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _get_u32(data: np.ndarray, o: int) -> int:
+    return (
+        np.uint32(data[o])
+        | (np.uint32(data[o + 1]) << np.uint32(8))
+        | (np.uint32(data[o + 2]) << np.uint32(16))
+        | (np.uint32(data[o + 3]) << np.uint32(24))
+    )
+
+
+@njit(cache=True, nogil=True)
+def _q5_0_dequantize(data: np.ndarray, y: np.ndarray) -> None:
+    # ref: ggml-quants.c dequantize_row_q5_0
+    nb = y.size // 32
+    for i in range(nb):
+        o = i * 22
+        d = _get_f16(data, o)
+        qh = _get_u32(data, o + 2)
+        for j in range(16):
+            xh0 = ((qh >> np.uint32(j)) << np.uint32(4)) & np.uint32(0x10)
+            xh1 = (qh >> np.uint32(j + 12)) & np.uint32(0x10)
+            q = data[o + 6 + j]
+            y[i * 32 + j] = F32(np.int32((q & 0x0F) | xh0) - 16) * d
+            y[i * 32 + 16 + j] = F32(np.int32((q >> 4) | xh1) - 16) * d
+
+
+class Q5_0(BlockQuant, qtype=T.Q5_0):
+    quantize_blocks = staticmethod(_q5_0_quantize)
+    dequantize_blocks = staticmethod(_q5_0_dequantize)
+
+
+# ---------------------------------------------------------------- Q5_1
+
+
+@njit(cache=True, nogil=True)
+def _q5_1_quantize(x: np.ndarray, out: np.ndarray) -> None:
+    # ref: ggml-quants.c quantize_row_q5_1_ref
+    nb = x.size // 32
+    for i in range(nb):
+        b = i * 32
+        mn = _F32_MAX
+        mx = -_F32_MAX
+        for j in range(32):
+            v = x[b + j]
+            if v < mn:
+                mn = v
+            if v > mx:
+                mx = v
+        d = (mx - mn) / F32(31.0)
+        inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
+        o = i * 24
+        _put_f16(out, o, fp32_to_fp16(d))
+        _put_f16(out, o + 2, fp32_to_fp16(mn))
+        qh = np.uint32(0)
+        fast = abs(inv) < _INF and abs(d) < _INF
+        for j in range(16):
+            # (uint8_t)(x0 + 0.5f): no clamp in the C code, only the low byte survives
+            if fast:
+                xi0 = np.int32((x[b + j] - mn) * inv + F32(0.5)) & 0xFF
+                xi1 = np.int32((x[b + 16 + j] - mn) * inv + F32(0.5)) & 0xFF
+            else:
+                xi0 = cvtt_i32((x[b + j] - mn) * inv + F32(0.5)) & 0xFF
+                xi1 = cvtt_i32((x[b + 16 + j] - mn) * inv + F32(0.5)) & 0xFF
+            out[o + 8 + j] = (xi0 & 0x0F) | ((xi1 & 0x0F) << 4)
+            qh |= np.uint32((xi0 & 0x10) >> 4) << np.uint32(j)
+            qh |= np.uint32((xi1 & 0x10) >> 4) << np.uint32(j + 16)
+        for k in range(4):
+            out[o + 4 + k] = (qh >> np.uint32(8 * k)) & np.uint32(0xFF)
+
+
+@njit(cache=True, nogil=True)
+def _q5_1_dequantize(data: np.ndarray, y: np.ndarray) -> None:
+    # ref: ggml-quants.c dequantize_row_q5_1
+    nb = y.size // 32
+    for i in range(nb):
+        o = i * 24
+        d = _get_f16(data, o)
+        m = _get_f16(data, o + 2)
+        qh = _get_u32(data, o + 4)
+        for j in range(16):
+            xh0 = ((qh >> np.uint32(j)) << np.uint32(4)) & np.uint32(0x10)
+            xh1 = (qh >> np.uint32(j + 12)) & np.uint32(0x10)
+            q = data[o + 8 + j]
+            y[i * 32 + j] = F32(np.int32((q & 0x0F) | xh0)) * d + m
+            y[i * 32 + 16 + j] = F32(np.int32((q >> 4) | xh1)) * d + m
+
+
+class Q5_1(BlockQuant, qtype=T.Q5_1):
+    quantize_blocks = staticmethod(_q5_1_quantize)
+    dequantize_blocks = staticmethod(_q5_1_dequantize)
+
+
+# ---------------------------------------------------------------- Q8_0
+
+
+@njit(cache=True, nogil=True)
+def _q8_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
+    # ref: ggml-quants.c quantize_row_q8_0_ref
+    nb = x.size // 32
+    for i in range(nb):
+        b = i * 32
+        amax = F32(0.0)
+        for j in range(32):
+            av = abs(x[b + j])
+            amax = amax if amax > av else av  # MAX(a, b) = a > b ? a : b
+        d = amax / F32(127.0)
+        inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
+        o = i * 34
+        _put_f16(out, o, fp32_to_fp16(d))
+        if abs(inv) < _INF:
+            for j in range(32):
+                out[o + 2 + j] = np.int32(roundf(x[b + j] * inv)) & 0xFF
+        else:
+            for j in range(32):
+                out[o + 2 + j] = cvtt_i32(roundf(x[b + j] * inv)) & 0xFF
+
+
+@njit(cache=True, nogil=True)
+def _q8_0_dequantize(data: np.ndarray, y: np.ndarray) -> None:
+    # ref: ggml-quants.c dequantize_row_q8_0
+    nb = y.size // 32
+    for i in range(nb):
+        o = i * 34
+        d = _get_f16(data, o)
+        for j in range(32):
+            y[i * 32 + j] = F32(np.int8(data[o + 2 + j])) * d
+
+
+class Q8_0(BlockQuant, qtype=T.Q8_0):
+    quantize_blocks = staticmethod(_q8_0_quantize)
+    dequantize_blocks = staticmethod(_q8_0_dequantize)

@@ -1,0 +1,95 @@
+"""Every kernel against ggml's C (ctypes into the ggml-base that llama-cpp-python ships)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf.constants import GGML_QUANT_SIZES
+
+from qatgguf.quant import dequantize, quantize
+from qatgguf.quant.registry import KERNELS, TYPE_SIZES, _load_kernels
+
+from .data import varied_rows
+from .ggml_ref import block_and_size, ggml_dequantize, ggml_quantize, ggml_validate
+
+TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.TQ2_0]
+
+
+def _first_diff(a: np.ndarray, b: np.ndarray, blk_bytes: int) -> str:
+    idx = np.argwhere(a != b)
+    r, c = (int(v) for v in idx[0])
+    return f"{len(idx)} bytes differ; first at row {r}, block {c // blk_bytes}, byte {c % blk_bytes}"
+
+
+def test_type_table_matches_ggml_and_gguf() -> None:
+    _load_kernels()
+    for t, (blk, size) in TYPE_SIZES.items():
+        if t != T.Q8_1:  # gguf-py 0.19 lists 40 bytes; ggml's block_q8_1 has f16 d and s
+            assert GGML_QUANT_SIZES[t] == (blk, size), t.name
+        assert block_and_size(t) == (blk, size), t.name
+    assert set(TYPES) <= set(KERNELS)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_quantize_bytes_equal_ggml(t: T) -> None:
+    blk, size = TYPE_SIZES[t]
+    n = 1024
+    x = np.concatenate([varied_rows(n, seed=1), varied_rows(n, seed=2)])
+    ours = quantize(x, t)
+    ref = ggml_quantize(x, t)
+    assert ours.shape == ref.shape
+    assert np.array_equal(ours, ref), _first_diff(ours, ref, size)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_quantize_many_gaussian_rows_equal_ggml(t: T) -> None:
+    rng = np.random.default_rng(int(t))
+    x = (rng.standard_normal((64, 4096)) * rng.uniform(1e-3, 2.0, (64, 1))).astype(np.float32)
+    ours = quantize(x, t)
+    ref = ggml_quantize(x, t)
+    assert np.array_equal(ours, ref), _first_diff(ours, ref, TYPE_SIZES[t][1])
+    assert ggml_validate(ours, t)  # llama.cpp's own row check accepts what we write
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_dequantize_equals_ggml_to_float(t: T) -> None:
+    if t == T.F32:
+        pytest.skip("ggml has no to_float for F32 (it is the float type)")
+    x = varied_rows(512, seed=3)
+    q = ggml_quantize(x, t)
+    ours = dequantize(q, t)
+    ref = ggml_dequantize(q, t)
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.parametrize("t", [T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K, T.TQ2_0], ids=lambda t: t.name)
+def test_dequantize_random_bytes_equal_ggml(t: T) -> None:
+    # arbitrary bit patterns reach codes and scales the quantizers never emit (e.g. TQ2_0 q=3)
+    blk, size = TYPE_SIZES[t]
+    rng = np.random.default_rng(7)
+    q = rng.integers(0, 256, (8, 4 * size), dtype=np.uint8)
+    for b in range(4):  # keep the f16 scales finite so the comparison is about the codes
+        for off in {T.Q4_0: (0,), T.Q8_0: (0,), T.Q4_K: (0, 2), T.Q6_K: (208,), T.TQ2_0: (64,)}[t]:
+            q[:, b * size + off + 1] &= 0x3B
+    ours = dequantize(q, t)
+    ref = ggml_dequantize(q, t)
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+
+
+def test_near_half_ties_q4_0_q8_0() -> None:
+    # values that land on x*id = k + 0.5 exactly, the truncation and roundf paths
+    base = np.array([-8.0] + [k + 0.5 for k in range(-8, 7)] + [0.5 * k for k in range(16)], dtype=np.float32)
+    x = np.stack([base * s for s in (1.0, 0.125, 3.0, 1e-4, 7.0 / 3.0)])
+    for t in (T.Q4_0, T.Q8_0, T.Q5_0, T.Q4_1, T.Q5_1):
+        assert np.array_equal(quantize(x, t), ggml_quantize(x, t)), t.name
+
+
+def test_leading_dims_and_dtypes() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 256)).astype(np.float32)
+    q = quantize(x, "q4_k")
+    assert q.shape == (2, 3, 144)
+    assert np.array_equal(q.reshape(6, 144), ggml_quantize(x.reshape(6, 256), T.Q4_K))
+    assert np.array_equal(quantize(x.astype(np.float64), T.Q8_0), quantize(x, T.Q8_0))
+    assert dequantize(q, T.Q4_K).shape == (2, 3, 256)
