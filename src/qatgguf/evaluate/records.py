@@ -8,7 +8,8 @@ What a base record keeps (per scored token) and why:
     (ref: perplexity.cpp `if (p_log_base > -16.f)`). We keep the same 16-bit encoding
     (scale, min log-prob, u16 codes; ref: perplexity.cpp log_softmax(..., uint16_t *, ...))
     but store only the codes whose log-prob is above -16.5 (a margin over -16 so that
-    rounding differences cannot drop a term), as (u32 index, u16 code) pairs, plus the
+    rounding differences cannot drop a term; a zero code decodes exactly to the row
+    minimum and is kept only when that is above -16), as (u32 index, u16 code) pairs, plus the
     target's code. A row where that is not smaller than the dense row is stored dense.
     Every statistic computed from our record equals the one computed from llama.cpp's,
     and `export_llamacpp` writes a file that `llama-perplexity --kl-divergence-base`
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from qatgguf.errors import EvaluationError
+from qatgguf.evaluate.metrics import KLD_LOG_PROB_FLOOR as M_FLOOR
 from qatgguf.evaluate.metrics import QuantizedLogProbs, TokenValues, quantize_log_probs, summarize, token_values
 from qatgguf.evaluate.runner import LogitsRunner, RunnerSettings, read_corpus_text
 
@@ -213,7 +215,9 @@ class _RecordWriter:
         self.scale.append(rec.scale)
         self.min_lp.append(rec.min_log_prob)
         self.target_q.append(rec.q[np.arange(n), targets])
-        keep = rec.log_probs() > KEEP_FLOOR
+        # A code of 0 decodes to exactly min_log_prob (no rounding), which the KLD sum skips
+        # unless it is above -16; other codes get the margin.
+        keep = np.where(rec.q > 0, rec.log_probs() > KEEP_FLOOR, (rec.min_log_prob > M_FLOOR)[:, None])
         for r in range(n):
             k = int(keep[r].sum())
             if k * 6 >= self.n_vocab * 2:  # (u32, u16) pairs no smaller than the dense row
