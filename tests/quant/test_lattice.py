@@ -1,0 +1,123 @@
+"""QAT grid recovery on synthetic checkpoints of each recipe."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from qatgguf.errors import QuantizationError
+from qatgguf.quant import dequantize, quantize
+from qatgguf.quant.lattice import recipe_signature, scan_grid
+
+from .ggml_ref import ggml_dequantize, ggml_quantize
+from .qat_synth import qat2, qat4, round_bf16
+
+NBLOCKS = 16384
+
+
+def _q4_codes(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sign of d, codes q-8) per block of Q4_0 bytes (nblocks, 18)."""
+    d = q[:, :2].copy().view(np.float16)[:, 0].astype(np.float32)
+    qs = q[:, 2:].astype(np.int64)
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=1) - 8
+    return np.sign(d), codes
+
+
+@pytest.mark.parametrize("recipe", ["uniform", "max/-8", "amax/7.5", "amax/7"])
+@pytest.mark.parametrize("rounding", ["f32", "f16", "bf16"])
+def test_q4_0_grid_recovers_codes_and_weights(recipe: str, rounding: str) -> None:
+    w, k, s = qat4(NBLOCKS, recipe, rounding, seed=hash((recipe, rounding)) % 1000)
+    q = quantize(w.reshape(64, -1), T.Q4_0, grid="qat").reshape(NBLOCKS, 18)
+    sign_d, codes = _q4_codes(q)
+    codes_ok = np.all(sign_d[:, None] * codes == np.sign(s)[:, None] * k, axis=1)
+    assert codes_ok.mean() >= 0.999, codes_ok.mean()
+    deq = dequantize(q, T.Q4_0)
+    assert np.array_equal(deq, ggml_dequantize(q, T.Q4_0))  # llama.cpp reads the same values
+    consistent = np.all(round_bf16(deq) == w, axis=1).mean()
+    if rounding == "f32":
+        assert consistent >= 0.96, consistent
+    else:
+        assert consistent == 1.0, consistent
+    if rounding == "bf16":  # bf16 scales come back exactly: the decoded weights are s*k
+        assert np.array_equal(deq, (np.abs(s)[:, None] * (np.sign(s)[:, None] * k)).astype(np.float32))
+    # the grid-aligned encoding is never worse than the reference in squared error against w
+    ref = ggml_dequantize(ggml_quantize(w.reshape(64, -1), T.Q4_0).reshape(NBLOCKS, 18), T.Q4_0)
+    assert np.square(deq - w, dtype=np.float64).sum() <= np.square(ref - w, dtype=np.float64).sum()
+
+
+def test_recipe_signatures_tell_recipes_apart() -> None:
+    expect = {
+        "max/-8": "Q4_0-style",
+        "amax/7": "symmetric [-7, 7]",
+        "amax/7.5": "amax/7.5",
+        "uniform": "fixed per-block scale",
+    }
+    for recipe, words in expect.items():
+        for rounding in ("f32", "bf16"):
+            w, _, _ = qat4(4096, recipe, rounding, seed=3)
+            stats = scan_grid(w, T.Q4_0)
+            sig = recipe_signature(stats)
+            assert stats.fraction == 1.0
+            assert words in str(sig["recipe"]), (recipe, sig)
+            assert sig["scale_rounding"] == ("bf16" if rounding == "bf16" else "f32"), (recipe, rounding, sig)
+    w, _, _ = qat4(4096, "uniform", "f16", seed=4)
+    assert recipe_signature(scan_grid(w, T.Q4_0))["scale_rounding"] == "f16"
+
+
+@pytest.mark.parametrize("t", [T.Q4_0, T.TQ2_0], ids=lambda t: t.name)
+def test_plain_weights_never_claim_a_grid(t: T) -> None:
+    rng = np.random.default_rng(11)
+    w = round_bf16(rng.standard_normal((256, 1024)).astype(np.float32) * 0.02)
+    assert scan_grid(w, t).on_grid == 0
+    assert np.array_equal(quantize(w, t, grid="qat"), ggml_quantize(w, t))
+    # float32 (non-bf16) weights are not a bf16 QAT checkpoint either
+    x = rng.standard_normal((16, 1024)).astype(np.float32)
+    assert np.array_equal(quantize(x, t, grid="qat"), ggml_quantize(x, t))
+
+
+def test_off_grid_blocks_fall_back_to_reference() -> None:
+    w, k, s = qat4(2048, "amax/7", "f32", seed=5)
+    rng = np.random.default_rng(6)
+    noisy = w.copy()
+    bad = rng.random(2048) < 0.3
+    noisy[bad] = round_bf16(rng.standard_normal((int(bad.sum()), 32)).astype(np.float32) * 0.05)
+    q = quantize(noisy, T.Q4_0, grid="qat")
+    ref = ggml_quantize(noisy, T.Q4_0)
+    assert np.array_equal(q[bad], ref[bad])
+    sign_d, codes = _q4_codes(q[~bad])
+    assert np.all(sign_d[:, None] * codes == np.sign(s[~bad])[:, None] * k[~bad])
+
+
+def test_all_zero_blocks_on_grid_path() -> None:
+    w, _, _ = qat4(64, "uniform", "bf16", seed=8)
+    w[::3] = 0.0
+    q = quantize(w, T.Q4_0, grid="qat")
+    assert np.array_equal(q[::3], ggml_quantize(w[::3], T.Q4_0))
+    assert np.array_equal(round_bf16(dequantize(q, T.Q4_0)), w)
+
+
+@pytest.mark.parametrize("codes", [(-2, 1), (-1, 2), (-1, 1)])
+@pytest.mark.parametrize("rounding", ["f32", "bf16"])
+def test_tq2_0_grid_is_exact(codes: tuple[int, int], rounding: str) -> None:
+    w, k, s = qat2(2048, codes, rounding, seed=9)
+    q = quantize(w.reshape(32, -1), T.TQ2_0, grid="qat").reshape(2048, 66)
+    deq = dequantize(q, T.TQ2_0)
+    assert np.array_equal(deq, ggml_dequantize(q, T.TQ2_0))
+    assert np.array_equal(deq, w)  # bit for bit: w = bf16(s)*k and bf16(s) is an fp16 value
+    d = q[:, 64:66].copy().view(np.float16)[:, 0]
+    if codes == (-2, 1):
+        assert np.all(d < 0)  # {-2,-1,0,1}*s needs the negative scale
+    if codes == (-1, 2):
+        assert np.all(d > 0)
+    if codes == (-1, 1):
+        return  # ternary data is on the reference quantizer's grid as well
+    naive = ggml_dequantize(ggml_quantize(w.reshape(32, -1), T.TQ2_0).reshape(2048, 66), T.TQ2_0)
+    assert not np.array_equal(naive, w)
+
+
+def test_grid_rejects_other_types() -> None:
+    with pytest.raises(QuantizationError, match="grid='qat' supports Q4_0, TQ2_0; got Q4_K"):
+        quantize(np.zeros((1, 256), np.float32), T.Q4_K, grid="qat", name="blk.0.ffn_up.weight")
+    with pytest.raises(QuantizationError, match="unknown grid"):
+        quantize(np.zeros((1, 256), np.float32), T.Q4_0, grid="lattice")
