@@ -39,6 +39,7 @@ from qatgguf.quant.legacy import _q4_0_quantize
 from qatgguf.quant.ternary import _tq2_0_quantize
 
 _NO_CAND = 0xFFFF
+_RECIP = np.array([0.0] + [1.0 / k for k in range(1, 17)], dtype=np.float32)
 _WIDEN_LO = F32(1.0 - 2.0**-20)
 _WIDEN_HI = F32(1.0 + 2.0**-20)
 BF16_PREFERENCE = 0.99  # share of grid blocks with a bf16 candidate that marks bf16 QAT scales
@@ -73,6 +74,9 @@ def _recover_block(
         return 0, 0, 0, 0, 0
     for m in range(mtop, 0, -1):
         s = amax / F32(m)
+        # grid weights sit within a bf16 half-ulp of an integer multiple of s, far from the
+        # .5 boundaries, so the reciprocal product gives the same k as a division
+        inv_s = F32(1.0) / s
         kl = 0
         kh = 0
         s_lo = F32(0.0)
@@ -82,7 +86,7 @@ def _recover_block(
         ok = True
         for i in range(n):
             w = x[b + i]
-            ki = nearest_int(w / s)
+            ki = nearest_int(w * inv_s)
             k[i] = ki
             if w == F32(0.0):
                 continue
@@ -93,8 +97,11 @@ def _recover_block(
             kh = max(kh, ki)
             ak = F32(abs(ki))
             u = f32_bits(abs(w))
-            lo = bits_f32(np.uint32(u - np.uint32(0x8000))) / ak
-            hi = bits_f32(np.uint32(u + np.uint32(0x8000))) / ak
+            # bf16 rounding interval of |w| (midpoints to the neighbours, exact in f32) / |k|;
+            # a reciprocal product is within 2 ulps, far inside the 2**-20 margin used below
+            r = _RECIP[abs(ki)]
+            lo = bits_f32(np.uint32(u - np.uint32(0x8000))) * r
+            hi = bits_f32(np.uint32(u + np.uint32(0x8000))) * r
             s_lo = max(s_lo, lo)
             s_hi = min(s_hi, hi)
             if s_lo > s_hi * _WIDEN_HI:
@@ -127,8 +134,11 @@ def _recover_block(
             if c > hi_b:
                 break
             if c > F32(0.0):
+                # strictly inside every interval (beyond the rounding margin): exact without
+                # looking; near an end, check bf16(c*|k_i|) == |w_i| element by element
                 exact = True
-                for i in range(n):
+                inside = c > s_lo * _WIDEN_HI and c < s_hi * _WIDEN_LO
+                for i in range(0 if inside else n):
                     w = x[b + i]
                     if w == F32(0.0):
                         continue
