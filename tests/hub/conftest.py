@@ -15,7 +15,10 @@ def write_tiny_gguf(path: Path, *, arch: str, seed: int, n: int = 4096) -> Path:
     """A small but real GGUF file (header, metadata, one F32 tensor)."""
     writer = GGUFWriter(str(path), arch)
     writer.add_name(path.stem)
-    writer.add_tensor("token_embd.weight", np.random.default_rng(seed).standard_normal((n // 64, 64), dtype=np.float32))
+    writer.add_tensor(
+        "token_embd.weight",
+        np.random.default_rng(seed).standard_normal((n // 64, 64), dtype=np.float32),
+    )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

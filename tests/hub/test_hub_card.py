@@ -84,7 +84,9 @@ def test_hf_quant_matches_follows_llama_cpp(name: str, quant: str, picked: bool)
 
 
 def test_model_file_llama_cpp_cannot_find_is_refused() -> None:
-    with pytest.raises(ModelCardError, match=r"model-q4\.gguf.*would not be found by `llama-cli -hf"):
+    with pytest.raises(
+        ModelCardError, match=r"model-q4\.gguf.*would not be found by `llama-cli -hf"
+    ):
         _card(files=(CardFile("model-q4.gguf", 1, "Q4_0"),))
 
 

@@ -16,11 +16,21 @@ REPO = "acme/tiny-gemma4-GGUF"
 
 def _card_text(files: dict[str, Path], note: str = "") -> str:
     entries = [
-        CardFile(p.name, p.stat().st_size, None if q == "mmproj" else q, "mmproj" if q == "mmproj" else "model")
+        CardFile(
+            p.name,
+            p.stat().st_size,
+            None if q == "mmproj" else q,
+            "mmproj" if q == "mmproj" else "model",
+        )
         for q, p in files.items()
     ]
-    card = CardData(repo_id=REPO, base_model="google/gemma-4-e2b-it-qat", license="apache-2.0",
-                    files=tuple(entries), description=note)
+    card = CardData(
+        repo_id=REPO,
+        base_model="google/gemma-4-e2b-it-qat",
+        license="apache-2.0",
+        files=tuple(entries),
+        description=note,
+    )
     return render_card(card)
 
 
@@ -34,17 +44,24 @@ def test_layout_matches_the_hub_repo(tmp_path: Path, gguf_files: dict[str, Path]
     card = _card_text(gguf_files)
     res = pub.publish(REPO, list(gguf_files.values()), card, commit_message="first")
     repo = tmp_path / "hub" / "acme" / "tiny-gemma4-GGUF"
-    assert sorted(p.name for p in repo.iterdir()) == sorted([*(p.name for p in gguf_files.values()), "README.md"])
+    assert sorted(p.name for p in repo.iterdir()) == sorted(
+        [*(p.name for p in gguf_files.values()), "README.md"]
+    )
     assert res.files == tuple(sorted(p.name for p in repo.iterdir()))
     assert res.url == repo.as_uri() and res.repo_id == REPO and len(res.commit) == 40
     for p in gguf_files.values():
         assert _sha(repo / p.name) == _sha(p)
     assert (repo / "README.md").read_text() == card
     # Nothing but the repo folder and its lock file next to it.
-    assert sorted(p.name for p in repo.parent.iterdir()) == [".tiny-gemma4-GGUF.lock", "tiny-gemma4-GGUF"]
+    assert sorted(p.name for p in repo.parent.iterdir()) == [
+        ".tiny-gemma4-GGUF.lock",
+        "tiny-gemma4-GGUF",
+    ]
 
 
-def test_republish_is_idempotent_and_drops_stale_files(tmp_path: Path, gguf_files: dict[str, Path]) -> None:
+def test_republish_is_idempotent_and_drops_stale_files(
+    tmp_path: Path, gguf_files: dict[str, Path]
+) -> None:
     pub = LocalHubPublisher(tmp_path / "hub")
     card = _card_text(gguf_files)
     first = pub.publish(REPO, list(gguf_files.values()), card, commit_message="a")
@@ -78,17 +95,26 @@ def test_failed_publish_keeps_the_previous_one(
 
     monkeypatch.setattr(local_mod, "_copy_hashing", fail_on_second)
     fewer = {k: v for k, v in gguf_files.items() if k != "Q8_0"}
-    with pytest.raises(PublishError, match=r"tiny-gemma4-GGUF: publishing .* No space left.*unchanged"):
+    with pytest.raises(
+        PublishError, match=r"tiny-gemma4-GGUF: publishing .* No space left.*unchanged"
+    ):
         pub.publish(REPO, list(fewer.values()), _card_text(fewer), commit_message="bad")
     assert {p.name: _sha(p) for p in repo.iterdir()} == before
     assert not list(repo.parent.glob(".tiny-gemma4-GGUF.stage-*"))
 
 
 def test_limits_are_checked_before_writing(tmp_path: Path, gguf_files: dict[str, Path]) -> None:
-    small = LocalHubPublisher(tmp_path / "hub", limits=HubLimits(max_file_size=1000, hard_file_size=10**6))
-    with pytest.raises(PublishError, match=r"tiny-gemma4-Q4_0\.gguf: \d+ bytes is over the 1000-byte split size.*split_max_size=1000"):
+    small = LocalHubPublisher(
+        tmp_path / "hub", limits=HubLimits(max_file_size=1000, hard_file_size=10**6)
+    )
+    with pytest.raises(
+        PublishError,
+        match=r"Q4_0\.gguf: \d+ bytes is over the 1000-byte split size.*split_max_size=1000",
+    ):
         small.publish(REPO, [gguf_files["Q4_0"]], "x", commit_message="m")
-    huge = LocalHubPublisher(tmp_path / "hub", limits=HubLimits(max_file_size=10, hard_file_size=100))
+    huge = LocalHubPublisher(
+        tmp_path / "hub", limits=HubLimits(max_file_size=10, hard_file_size=100)
+    )
     with pytest.raises(PublishError, match="over the Hub's hard limit"):
         huge.publish(REPO, [gguf_files["Q4_0"]], "x", commit_message="m")
     few = LocalHubPublisher(tmp_path / "hub", limits=HubLimits(max_files_per_commit=3))
@@ -99,7 +125,11 @@ def test_limits_are_checked_before_writing(tmp_path: Path, gguf_files: dict[str,
             REPO, [gguf_files["Q4_0"], gguf_files["Q4_0"]], "x", commit_message="m"
         )
     with pytest.raises(PublishError, match="repo id 'bad' is not valid"):
-        LocalHubPublisher(tmp_path / "hub").publish("bad", [gguf_files["Q4_0"]], "x", commit_message="m")
+        LocalHubPublisher(tmp_path / "hub").publish(
+            "bad", [gguf_files["Q4_0"]], "x", commit_message="m"
+        )
     with pytest.raises(PublishError, match="not a regular file"):
-        LocalHubPublisher(tmp_path / "hub").publish(REPO, [tmp_path / "missing.gguf"], "x", commit_message="m")
+        LocalHubPublisher(tmp_path / "hub").publish(
+            REPO, [tmp_path / "missing.gguf"], "x", commit_message="m"
+        )
     assert not (tmp_path / "hub").exists()

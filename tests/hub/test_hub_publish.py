@@ -20,12 +20,27 @@ REPO = "acme/tiny-gemma4-GGUF"
 
 def _card_text(files: dict[str, Path], *, note: str = "") -> str:
     entries = [
-        CardFile(p.name, p.stat().st_size, None if q == "mmproj" else q, "mmproj" if q == "mmproj" else "model")
+        CardFile(
+            p.name,
+            p.stat().st_size,
+            None if q == "mmproj" else q,
+            "mmproj" if q == "mmproj" else "model",
+        )
         for q, p in files.items()
     ]
-    rows = tuple(EvalRow(q, "qat", p.stat().st_size, 0.001, 0.01, 99.0, 10.0) for q, p in files.items() if q != "mmproj")
-    card = CardData(repo_id=REPO, base_model="google/gemma-4-e2b-it-qat", license="apache-2.0",
-                    files=tuple(entries), eval_rows=rows, description=note)
+    rows = tuple(
+        EvalRow(q, "qat", p.stat().st_size, 0.001, 0.01, 99.0, 10.0)
+        for q, p in files.items()
+        if q != "mmproj"
+    )
+    card = CardData(
+        repo_id=REPO,
+        base_model="google/gemma-4-e2b-it-qat",
+        license="apache-2.0",
+        files=tuple(entries),
+        eval_rows=rows,
+        description=note,
+    )
     return render_card(card)
 
 
@@ -54,8 +69,9 @@ def test_publish_list_download_and_card_only_update(
     assert lfs == {p.name: _sha(p.read_bytes()) for p in files}
 
     for p in files:
-        got = hf_hub_download(REPO, p.name, endpoint=fake_hub.url, token=fake_hub.token,
-                              cache_dir=tmp_path / "cache")
+        got = hf_hub_download(
+            REPO, p.name, endpoint=fake_hub.url, token=fake_hub.token, cache_dir=tmp_path / "cache"
+        )
         assert _sha(Path(got).read_bytes()) == _sha(p.read_bytes())
     readme = hf_hub_download(REPO, "README.md", endpoint=fake_hub.url, cache_dir=tmp_path / "cache")
     assert Path(readme).read_text() == card
@@ -64,15 +80,26 @@ def test_publish_list_download_and_card_only_update(
 
     # Only the card changes: one commit, no LFS traffic at all.
     n = len(fake_hub.hub.requests)
-    card2 = _card_text({"Q4_0": gguf_files["Q4_0"], "mmproj": gguf_files["mmproj"]}, note="Now with notes.")
+    card2 = _card_text(
+        {"Q4_0": gguf_files["Q4_0"], "mmproj": gguf_files["mmproj"]}, note="Now with notes."
+    )
     res2 = pub.publish(REPO, files, card2, commit_message="Update card")
     later = fake_hub.hub.requests[n:]
     assert not [r for r in later if "/info/lfs/" in r[1] or r[1].startswith("/lfs-")]
-    assert [r for r in later if r[1].endswith("/commit/main")] == [("POST", f"/api/models/{REPO}/commit/main")]
+    assert [r for r in later if r[1].endswith("/commit/main")] == [
+        ("POST", f"/api/models/{REPO}/commit/main")
+    ]
     assert res2.commit != res.commit
-    assert ModelCard(Path(hf_hub_download(REPO, "README.md", endpoint=fake_hub.url,
-                                          cache_dir=tmp_path / "cache2")).read_text()).text.count(
-        "Now with notes.") == 1
+    assert (
+        ModelCard(
+            Path(
+                hf_hub_download(
+                    REPO, "README.md", endpoint=fake_hub.url, cache_dir=tmp_path / "cache2"
+                )
+            ).read_text()
+        ).text.count("Now with notes.")
+        == 1
+    )
     entries = fake_hub.hub.files(REPO)
     assert entries["README.md"].content == card2.encode()
     assert entries["tiny-gemma4-Q4_0.gguf"].lfs_sha256 == _sha(gguf_files["Q4_0"].read_bytes())
@@ -88,14 +115,18 @@ def test_republish_replaces_stale_quants(fake_hub: RunningHub, gguf_files: dict[
     assert "tiny-gemma4-Q8_0.gguf" not in res.files
 
 
-def test_unchanged_publish_makes_no_new_commit(fake_hub: RunningHub, gguf_files: dict[str, Path]) -> None:
+def test_unchanged_publish_makes_no_new_commit(
+    fake_hub: RunningHub, gguf_files: dict[str, Path]
+) -> None:
     pub = HubPublisher(endpoint=fake_hub.url, token=fake_hub.token)
     card = _card_text(gguf_files)
     first = pub.publish(REPO, list(gguf_files.values()), card, commit_message="a")
     n = len(fake_hub.hub.requests)
     again = pub.publish(REPO, list(gguf_files.values()), card, commit_message="b")
     assert again.commit == first.commit
-    assert not [r for r in fake_hub.hub.requests[n:] if r[1].endswith("/commit/main") or r[0] == "PUT"]
+    assert not [
+        r for r in fake_hub.hub.requests[n:] if r[1].endswith("/commit/main") or r[0] == "PUT"
+    ]
 
 
 def test_bad_token_is_a_clear_error_without_the_token(
@@ -104,25 +135,43 @@ def test_bad_token_is_a_clear_error_without_the_token(
     caplog.set_level(logging.DEBUG)
     secret = "hf_wrongWRONGwrong0123456789abcdef"
     pub = HubPublisher(endpoint=fake_hub.url, token=secret)
-    with pytest.raises(PublishError, match=r"tiny-gemma4-GGUF: create_repo failed: HTTP 401.*rejected the token") as info:
-        pub.publish(REPO, [gguf_files["Q4_0"]], _card_text({"Q4_0": gguf_files["Q4_0"]}), commit_message="x")
-    for text in (str(info.value), repr(info.value), "".join(traceback.format_exception(info.value)),
-                 repr(pub), caplog.text):
+    with pytest.raises(
+        PublishError, match=r"tiny-gemma4-GGUF: create_repo failed: HTTP 401.*rejected the token"
+    ) as info:
+        pub.publish(
+            REPO, [gguf_files["Q4_0"]], _card_text({"Q4_0": gguf_files["Q4_0"]}), commit_message="x"
+        )
+    for text in (
+        str(info.value),
+        repr(info.value),
+        "".join(traceback.format_exception(info.value)),
+        repr(pub),
+        caplog.text,
+    ):
         assert secret not in text
     assert REPO not in fake_hub.hub.repos
 
 
-def test_hub_rejecting_the_card_is_a_card_error(fake_hub: RunningHub, gguf_files: dict[str, Path]) -> None:
+def test_hub_rejecting_the_card_is_a_card_error(
+    fake_hub: RunningHub, gguf_files: dict[str, Path]
+) -> None:
     pub = HubPublisher(endpoint=fake_hub.url, token=fake_hub.token)
-    card = _card_text({"Q4_0": gguf_files["Q4_0"]}).replace("license: apache-2.0", "license:\n- a\n- b", 1)
+    card = _card_text({"Q4_0": gguf_files["Q4_0"]}).replace(
+        "license: apache-2.0", "license:\n- a\n- b", 1
+    )
     with pytest.raises(ModelCardError, match="the Hub refused README.md.*license"):
         pub.publish(REPO, [gguf_files["Q4_0"]], card, commit_message="x")
     assert not fake_hub.hub.lfs_requests()
 
 
 def test_limits_fail_before_any_request(fake_hub: RunningHub, gguf_files: dict[str, Path]) -> None:
-    pub = HubPublisher(endpoint=fake_hub.url, token=fake_hub.token,
-                       limits=HubLimits(max_file_size=1000, hard_file_size=10**6))
+    pub = HubPublisher(
+        endpoint=fake_hub.url,
+        token=fake_hub.token,
+        limits=HubLimits(max_file_size=1000, hard_file_size=10**6),
+    )
     with pytest.raises(PublishError, match="split size"):
-        pub.publish(REPO, [gguf_files["Q4_0"]], _card_text({"Q4_0": gguf_files["Q4_0"]}), commit_message="x")
+        pub.publish(
+            REPO, [gguf_files["Q4_0"]], _card_text({"Q4_0": gguf_files["Q4_0"]}), commit_message="x"
+        )
     assert fake_hub.hub.requests == []

@@ -30,7 +30,10 @@ import yaml
 # ref: the Hub stores files of 10 MB and more, or binary files, with LFS.
 LFS_THRESHOLD = 10 * 1000 * 1000
 BINARY_SUFFIXES = (".gguf", ".bin", ".safetensors", ".pt", ".onnx", ".npz", ".zip", ".tar")
-GITATTRIBUTES = b"*.gguf filter=lfs diff=lfs merge=lfs -text\n*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+GITATTRIBUTES = (
+    b"*.gguf filter=lfs diff=lfs merge=lfs -text\n"
+    b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+)
 BAD_TOKEN_MESSAGE = "Invalid credentials in Authorization header"
 
 StartResponse = Callable[..., Any]
@@ -43,7 +46,9 @@ def git_blob_sha1(data: bytes) -> str:
 
 def lfs_pointer(sha256: str, size: int) -> bytes:
     # ref: git-lfs spec, pointer file format
-    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+    return (
+        f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+    )
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,9 @@ class FakeHub:
             headers = [("Content-Type", "application/json"), ("X-Error-Message", err.message)]
             if err.code:
                 headers.append(("X-Error-Code", err.code))
-            payload = json.dumps(err.body if err.body is not None else {"error": err.message}).encode()
+            payload = json.dumps(
+                err.body if err.body is not None else {"error": err.message}
+            ).encode()
         if isinstance(payload, dict | list):
             payload = json.dumps(payload).encode()
             if not any(k == "Content-Type" for k, _ in headers):
@@ -172,7 +179,12 @@ class FakeHub:
             ("POST", r"/api/validate-yaml", self._validate_yaml, False),
             ("POST", r"/api/repos/create", self._create_repo, True),
             ("GET", rf"/api/models/{repo_re}/revision/(?P<rev>[^/]+)", self._info, False),
-            ("GET", rf"/api/models/{repo_re}/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?", self._tree, False),
+            (
+                "GET",
+                rf"/api/models/{repo_re}/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?",
+                self._tree,
+                False,
+            ),
             ("GET", rf"/api/models/{repo_re}/xet-write-token/(?P<rev>[^/]+)", self._no_xet, True),
             ("POST", rf"/api/models/{repo_re}/preupload/(?P<rev>[^/]+)", self._preupload, True),
             ("POST", rf"/api/models/{repo_re}/commit/(?P<rev>[^/]+)", self._commit, True),
@@ -209,7 +221,11 @@ class FakeHub:
                 return 400, [], {"errors": [{"message": f"YAML error: {exc}"}]}
             if meta is not None and not isinstance(meta, dict):
                 return 400, [], {"errors": [{"message": "metadata must be a mapping"}]}
-            if isinstance(meta, dict) and "license" in meta and not isinstance(meta["license"], str):
+            if (
+                isinstance(meta, dict)
+                and "license" in meta
+                and not isinstance(meta["license"], str)
+            ):
                 return 400, [], {"errors": [{"message": '"license" must be a string'}]}
         return 200, [], {"errors": [], "warnings": []}
 
@@ -220,11 +236,17 @@ class FakeHub:
         repo_id = f"{req.get('organization') or self.user}/{req['name']}"
         url = f"{self.url}/{repo_id}"
         if repo_id in self.repos:
-            raise HttpError(409, "You already created this model repo", body={
-                "error": "You already created this model repo", "url": url})
+            raise HttpError(
+                409,
+                "You already created this model repo",
+                body={"error": "You already created this model repo", "url": url},
+            )
         repo = Repo(repo_id=repo_id, private=req.get("visibility") == "private")
-        first = {".gitattributes": Entry(len(GITATTRIBUTES), git_blob_sha1(GITATTRIBUTES),
-                                         content=GITATTRIBUTES)}
+        first = {
+            ".gitattributes": Entry(
+                len(GITATTRIBUTES), git_blob_sha1(GITATTRIBUTES), content=GITATTRIBUTES
+            )
+        }
         self._add_commit(repo, "initial commit", first)
         self.repos[repo_id] = repo
         return 200, [], {"url": url, "name": repo_id, "id": repo_id}
@@ -250,17 +272,31 @@ class FakeHub:
         for p, e in sorted(commit.files.items()):
             sib: dict[str, Any] = {"rfilename": p, "size": e.size, "blobId": e.blob_id}
             if e.lfs_sha256:
-                sib["lfs"] = {"size": e.size, "sha256": e.lfs_sha256,
-                              "pointerSize": len(lfs_pointer(e.lfs_sha256, e.size))}
+                sib["lfs"] = {
+                    "size": e.size,
+                    "sha256": e.lfs_sha256,
+                    "pointerSize": len(lfs_pointer(e.lfs_sha256, e.size)),
+                }
             siblings.append(sib)
-        return 200, [], {
-            "id": repo, "modelId": repo, "author": repo.split("/")[0], "sha": commit.oid,
-            "private": r.private, "disabled": False, "gated": False,
-            "lastModified": "2026-01-01T00:00:00.000Z", "tags": (card_data or {}).get("tags", []),
-            "library_name": (card_data or {}).get("library_name"),
-            "pipeline_tag": (card_data or {}).get("pipeline_tag"),
-            "cardData": card_data, "siblings": siblings,
-        }
+        return (
+            200,
+            [],
+            {
+                "id": repo,
+                "modelId": repo,
+                "author": repo.split("/")[0],
+                "sha": commit.oid,
+                "private": r.private,
+                "disabled": False,
+                "gated": False,
+                "lastModified": "2026-01-01T00:00:00.000Z",
+                "tags": (card_data or {}).get("tags", []),
+                "library_name": (card_data or {}).get("library_name"),
+                "pipeline_tag": (card_data or {}).get("pipeline_tag"),
+                "cardData": card_data,
+                "siblings": siblings,
+            },
+        )
 
     def _tree(self, repo: str, rev: str, sub: str | None = None, **_: Any) -> tuple[int, list, Any]:
         commit = self._commit_of(self._repo(repo), rev)
@@ -275,11 +311,16 @@ class FakeHub:
                     dirs.add(p[:i])
             item: dict[str, Any] = {"type": "file", "path": p, "size": e.size, "oid": e.blob_id}
             if e.lfs_sha256:
-                item["lfs"] = {"oid": e.lfs_sha256, "size": e.size,
-                               "pointerSize": len(lfs_pointer(e.lfs_sha256, e.size))}
+                item["lfs"] = {
+                    "oid": e.lfs_sha256,
+                    "size": e.size,
+                    "pointerSize": len(lfs_pointer(e.lfs_sha256, e.size)),
+                }
             out.append(item)
-        out += [{"type": "directory", "path": d, "oid": hashlib.sha1(d.encode()).hexdigest(),
-                 "size": 0} for d in sorted(dirs)]
+        out += [
+            {"type": "directory", "path": d, "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0}
+            for d in sorted(dirs)
+        ]
         return 200, [], out
 
     def _no_xet(self, **_: Any) -> tuple[int, list, Any]:
@@ -291,14 +332,23 @@ class FakeHub:
         files = []
         for f in json.loads(body)["files"]:
             sample = base64.b64decode(f["sample"])
-            lfs = (f["size"] >= LFS_THRESHOLD or b"\0" in sample
-                   or f["path"].lower().endswith(BINARY_SUFFIXES))
+            lfs = (
+                f["size"] >= LFS_THRESHOLD
+                or b"\0" in sample
+                or f["path"].lower().endswith(BINARY_SUFFIXES)
+            )
             current = commit.files.get(f["path"])
             oid = None
             if current is not None:
                 oid = current.lfs_sha256 if current.lfs_sha256 else current.blob_id
-            files.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular",
-                          "shouldIgnore": False, "oid": oid})
+            files.append(
+                {
+                    "path": f["path"],
+                    "uploadMode": "lfs" if lfs else "regular",
+                    "shouldIgnore": False,
+                    "oid": oid,
+                }
+            )
         return 200, [], {"files": files, "commitOid": commit.oid}
 
     def _lfs_batch(self, repo: str, body: bytes, **_: Any) -> tuple[int, list, Any]:
@@ -335,8 +385,9 @@ class FakeHub:
             raise HttpError(404, f"LFS object {oid} not found or of another size")
         return 200, [], {"success": True}
 
-    def _commit(self, repo: str, rev: str, body: bytes, query: dict[str, str], **_: Any
-                ) -> tuple[int, list, Any]:
+    def _commit(
+        self, repo: str, rev: str, body: bytes, query: dict[str, str], **_: Any
+    ) -> tuple[int, list, Any]:
         r = self._repo(repo)
         if query.get("create_pr"):
             raise HttpError(400, "pull requests are not supported by this test server")
@@ -357,7 +408,9 @@ class FakeHub:
             elif key == "lfsFile":
                 blob = self._blob_path(value["oid"])
                 if not blob.exists():
-                    raise HttpError(422, f"LFS object {value['oid']} of {value['path']} was not uploaded")
+                    raise HttpError(
+                        422, f"LFS object {value['oid']} of {value['path']} was not uploaded"
+                    )
                 size = blob.stat().st_size
                 ptr = lfs_pointer(value["oid"], size)
                 files[value["path"]] = Entry(size, git_blob_sha1(ptr), lfs_sha256=value["oid"])
@@ -370,8 +423,16 @@ class FakeHub:
             else:
                 raise HttpError(400, f"unknown commit operation {key!r}")
         commit = self._add_commit(r, header.get("summary", ""), files)
-        return 200, [], {"commitOid": commit.oid, "commitUrl": f"{self.url}/{repo}/commit/{commit.oid}",
-                         "pullRequestUrl": None, "success": True}
+        return (
+            200,
+            [],
+            {
+                "commitOid": commit.oid,
+                "commitUrl": f"{self.url}/{repo}/commit/{commit.oid}",
+                "pullRequestUrl": None,
+                "success": True,
+            },
+        )
 
     def _resolve(self, repo: str, rev: str, file: str, **_: Any) -> tuple[int, list, Any]:
         r = self._repo(repo)
@@ -382,8 +443,11 @@ class FakeHub:
         headers = [("X-Repo-Commit", commit.oid), ("Content-Type", "application/octet-stream")]
         if entry.lfs_sha256:
             data = self._blob_path(entry.lfs_sha256).read_bytes()
-            headers += [("ETag", f'"{entry.lfs_sha256}"'), ("X-Linked-Etag", f'"{entry.lfs_sha256}"'),
-                        ("X-Linked-Size", str(entry.size))]
+            headers += [
+                ("ETag", f'"{entry.lfs_sha256}"'),
+                ("X-Linked-Etag", f'"{entry.lfs_sha256}"'),
+                ("X-Linked-Size", str(entry.size)),
+            ]
         else:
             data = entry.content or b""
             headers.append(("ETag", f'"{entry.blob_id}"'))
@@ -427,19 +491,25 @@ def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runnin
     monkeypatch.delenv("HF_TOKEN", raising=False)
     token = "hf_test_" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:24]
     hub = FakeHub(tmp_path / "hub_storage", token=token)
-    server = make_server("127.0.0.1", 0, hub, server_class=_ThreadingServer,
-                         handler_class=_QuietHandler)
+    server = make_server(
+        "127.0.0.1", 0, hub, server_class=_ThreadingServer, handler_class=_QuietHandler
+    )
     host, port = server.server_address[:2]
     hub.url = f"http://{host}:{port}"
     # Point the client's defaults here as HF_ENDPOINT would before import, so the telemetry
     # probe and any URL built from the defaults stay on this server; its cache in tmp_path.
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(huggingface_hub.constants, "AGENT_HARNESSES_PATH",
-                        str(tmp_path / "agent_harnesses.json"))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              name="fakehub", daemon=True)
+    monkeypatch.setattr(
+        huggingface_hub.constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        hub.url + "/{repo_id}/resolve/{revision}/{filename}",
+    )
+    monkeypatch.setattr(
+        huggingface_hub.constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json")
+    )
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fakehub", daemon=True
+    )
     thread.start()
     try:
         yield RunningHub(hub=hub, url=hub.url, token=token)

@@ -57,9 +57,8 @@ def _wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path, timeout
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(
-                f"moto_server exited with {proc.returncode}: {log.read_text(errors='replace')[-2000:]}"
-            )
+            tail = log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"moto_server exited with {proc.returncode}: {tail}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return

@@ -41,7 +41,9 @@ def test_put_get_round_trip(store: ArtifactStore, tmp_path: Path) -> None:
     data = os.urandom(300_000)
     src = _write(tmp_path / "model.gguf", data)
     ref = store.put_file(src, "gemma/model.Q4_0.gguf")
-    assert ref == ArtifactRef(store.uri_for("gemma/model.Q4_0.gguf"), hashlib.sha256(data).hexdigest(), len(data))
+    assert ref == ArtifactRef(
+        store.uri_for("gemma/model.Q4_0.gguf"), hashlib.sha256(data).hexdigest(), len(data)
+    )
     assert ArtifactRef.from_dict(json.loads(json.dumps(ref.to_dict()))) == ref
 
     out = store.get_file(ref.uri, tmp_path / "dl" / "copy.gguf", sha256=ref.sha256)
@@ -73,7 +75,11 @@ def test_bytes_json_and_list(store: ArtifactStore) -> None:
     store.put_bytes(b"\x00\x01", "parts/m/p0.bin")
     store.put_bytes(b"z", "parts/n/p0.bin")
     store.put_bytes(b"z", "other.bin")
-    assert store.list("parts/m/") == ["parts/m/manifest.json", "parts/m/manifest2.json", "parts/m/p0.bin"]
+    assert store.list("parts/m/") == [
+        "parts/m/manifest.json",
+        "parts/m/manifest2.json",
+        "parts/m/p0.bin",
+    ]
     assert store.list("parts/") == [
         "parts/m/manifest.json",
         "parts/m/manifest2.json",

@@ -117,12 +117,19 @@ def test_same_size_change_during_upload_is_caught(
     assert not store.exists("f.bin")
 
 
-def test_missing_object_and_bucket_errors(s3_server: S3Server, s3_bucket: str, tmp_path: Path) -> None:
+def test_missing_object_and_bucket_errors(
+    s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
     store = _store(s3_server, s3_bucket)
-    with pytest.raises(StoreError, match=rf"s3://{s3_bucket}/pre/gone\.gguf.*bucket '{s3_bucket}'.*'pre/gone\.gguf'"):
+    with pytest.raises(
+        StoreError,
+        match=rf"s3://{s3_bucket}/pre/gone\.gguf.*bucket '{s3_bucket}'.*'pre/gone\.gguf'",
+    ):
         store.get_file("gone.gguf", tmp_path / "x")
     nobucket = _store(s3_server, "qatgguf-no-such-bucket")
-    with pytest.raises(StoreError, match=r"s3://qatgguf-no-such-bucket/pre/k\.json: put_bytes failed.*NoSuchBucket"):
+    with pytest.raises(
+        StoreError, match=r"s3://qatgguf-no-such-bucket/pre/k\.json: put_bytes failed.*NoSuchBucket"
+    ):
         nobucket.put_json({"a": 1}, "k.json")
 
 
@@ -145,7 +152,11 @@ def test_secrets_never_in_errors_reprs_or_logs(
     ):
         with pytest.raises(StoreError) as info:
             action()
-        texts += [str(info.value), repr(info.value), "".join(traceback.format_exception(info.value))]
+        texts += [
+            str(info.value),
+            repr(info.value),
+            "".join(traceback.format_exception(info.value)),
+        ]
     texts.append(caplog.text)
     for text in texts:
         assert TEST_SECRET_KEY not in text

@@ -66,9 +66,7 @@ def split_repo_id(repo_id: str) -> tuple[str, str]:
     return org, name
 
 
-def plan_files(
-    repo_id: str, files: Sequence[Path | str], *, limits: HubLimits
-) -> dict[str, Path]:
+def plan_files(repo_id: str, files: Sequence[Path | str], *, limits: HubLimits) -> dict[str, Path]:
     """Map repo paths to local files; raise PublishError before any upload if a file is
     missing, two files share a name, a file is over the size limit or the commit would
     hold too many files."""

@@ -83,9 +83,11 @@ class HubPublisher:
                 fix = f"the token has no write access to {repo_id}; use a token with write scope"
             else:
                 fix = "see the Hub's message"
-            msg = f"{where}: {step} failed: HTTP {status}: {server.strip() or type(exc).__name__}; {fix}"
+            said = server.strip() or type(exc).__name__
+            msg = f"{where}: {step} failed: HTTP {status}: {said}; {fix}"
         elif isinstance(exc, httpx2.HTTPError):
-            msg = f"{where}: {step} failed: cannot reach {self.endpoint} ({type(exc).__name__}: {exc})"
+            reach = f"cannot reach {self.endpoint}"
+            msg = f"{where}: {step} failed: {reach} ({type(exc).__name__}: {exc})"
         else:
             msg = f"{where}: {step} failed: {type(exc).__name__}: {exc}"
         return PublishError(scrub(msg, self._secrets()))
@@ -118,11 +120,17 @@ class HubPublisher:
                 # CommitOperationAdd hashes the file once here; the client reuses the digest.
                 op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
                 have = remote.get(name)
-                if have is not None and have.lfs is not None and have.lfs.sha256 == op.upload_info.sha256.hex():
+                if (
+                    have is not None
+                    and have.lfs is not None
+                    and have.lfs.sha256 == op.upload_info.sha256.hex()
+                ):
                     unchanged.append(name)
                     continue
                 operations.append(op)
-            operations.append(CommitOperationAdd(path_in_repo=CARD_PATH, path_or_fileobj=card_text.encode()))
+            operations.append(
+                CommitOperationAdd(path_in_repo=CARD_PATH, path_or_fileobj=card_text.encode())
+            )
             stale = sorted(
                 p
                 for p in remote
@@ -134,7 +142,11 @@ class HubPublisher:
             step = "commit"
             log.info(
                 "publishing %s to %s: %d file(s) to upload, %d unchanged, %d stale to delete",
-                repo_id, self.endpoint, len(operations) - 1 - len(stale), len(unchanged), len(stale),
+                repo_id,
+                self.endpoint,
+                len(operations) - 1 - len(stale),
+                len(unchanged),
+                len(stale),
             )
             info = self._api.create_commit(
                 repo_id, operations, commit_message=commit_message, repo_type="model"

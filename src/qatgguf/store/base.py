@@ -71,7 +71,9 @@ class S3Credentials:
 
     def secrets(self) -> tuple[str, ...]:
         """The values that must be scrubbed from any message."""
-        return tuple(s for s in (self.access_key_id, self.secret_access_key, self.session_token) if s)
+        return tuple(
+            s for s in (self.access_key_id, self.secret_access_key, self.session_token) if s
+        )
 
 
 @runtime_checkable
@@ -122,7 +124,9 @@ def validate_key(key: str) -> str:
     their temporary and metadata files under dot-names.
     """
     if not isinstance(key, str) or not key:
-        raise StoreError(f"artifact key {key!r} is empty; pass a relative path like 'models/x.gguf'")
+        raise StoreError(
+            f"artifact key {key!r} is empty; pass a relative path like 'models/x.gguf'"
+        )
     if key.startswith("/") or "\\" in key:
         raise StoreError(
             f"artifact key {key!r} must be a relative POSIX path (no leading '/', no '\\')"

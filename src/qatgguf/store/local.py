@@ -276,7 +276,9 @@ class LocalStore:
         stored = self._read_meta(key, st)
         got = hashlib.sha256(data).hexdigest()
         if stored is not None and stored != got:
-            raise StoreError(f"{uri}: sha256 mismatch: stored {stored}, read {got}; object is corrupt")
+            raise StoreError(
+                f"{uri}: sha256 mismatch: stored {stored}, read {got}; object is corrupt"
+            )
         return data
 
     def put_json(self, obj: Any, key: str) -> ArtifactRef:
