@@ -113,3 +113,10 @@ def test_check_card_rejects_cards_without_required_metadata() -> None:
         check_card("---\nlicense: mit\n---\n# x\n")
     with pytest.raises(ModelCardError, match="not valid card metadata"):
         check_card("---\n- a\n- b\n---\n# x\n")
+
+
+def test_failed_rows_are_marked() -> None:
+    rows = (EvalRow("Q2", "tq2_0", 10, 0.5, 3.0, 70.0, 20.0, passed=False),)
+    assert "| Q2 | tq2_0 (failed the gate, not published) | 10 B |" in render_card(
+        _card(eval_rows=rows)
+    )

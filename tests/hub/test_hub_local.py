@@ -133,3 +133,16 @@ def test_limits_are_checked_before_writing(tmp_path: Path, gguf_files: dict[str,
             REPO, [tmp_path / "missing.gguf"], "x", commit_message="m"
         )
     assert not (tmp_path / "hub").exists()
+
+
+def test_open_publisher_from_settings(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from qatgguf.hub import HubPublisher, open_publisher
+
+    local = open_publisher(SimpleNamespace(target="local", local_root=str(tmp_path)))
+    assert isinstance(local, LocalHubPublisher) and local.root == tmp_path
+    hub = open_publisher(SimpleNamespace(target="hub", endpoint="http://127.0.0.1:9"), token="hf_x")
+    assert isinstance(hub, HubPublisher) and hub.endpoint == "http://127.0.0.1:9"
+    with pytest.raises(PublishError, match="publish target 'ftp' is not known"):
+        open_publisher(SimpleNamespace(target="ftp"))

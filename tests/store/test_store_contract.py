@@ -144,3 +144,8 @@ def test_failed_upload_leaves_nothing(store: ArtifactStore, tmp_path: Path) -> N
         store.put_file(src, "m/big.gguf", progress=boom)
     assert not store.exists("m/big.gguf")
     assert store.list("m/") == []
+
+
+def test_swapped_arguments_say_the_order(store: ArtifactStore) -> None:
+    with pytest.raises(StoreError, match="must be a str, got dict; the data comes first, then the key"):
+        store.put_json("k.json", {"a": 1})  # type: ignore[arg-type]

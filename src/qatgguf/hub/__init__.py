@@ -6,7 +6,7 @@ Hub itself). Only `qatgguf.hub.publisher` imports `HfApi`; it loads on first use
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qatgguf.hub.base import HubLimits, Publisher, PublishResult, plan_files
 from qatgguf.hub.card import (
@@ -35,6 +35,7 @@ __all__ = [
     "UsageCommand",
     "check_card",
     "default_usage",
+    "open_publisher",
     "plan_files",
     "render_card",
 ]
@@ -46,3 +47,26 @@ def __getattr__(name: str) -> object:
 
         return HubPublisher
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def open_publisher(settings: Any, *, token: str | None = None) -> Publisher:
+    """The publisher a release config asks for.
+
+    `settings` is any object with `target` ("local" or "hub"), `local_root` (for local)
+    and `endpoint` (for hub, None means huggingface.co), and optionally `private`; the
+    release config's `publish` section is one. Raises PublishError for another target.
+    """
+    from qatgguf.errors import PublishError
+
+    target = getattr(settings, "target", None)
+    if target == "local":
+        return LocalHubPublisher(settings.local_root)
+    if target == "hub":
+        from qatgguf.hub.publisher import HubPublisher
+
+        return HubPublisher(
+            endpoint=getattr(settings, "endpoint", None),
+            token=token,
+            private=bool(getattr(settings, "private", False)),
+        )
+    raise PublishError(f"publish target {target!r} is not known; use 'local' or 'hub'")

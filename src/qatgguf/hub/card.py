@@ -45,6 +45,7 @@ class EvalRow:
     kld_p999: float | None = None
     top1_pct: float | None = None
     ppl: float | None = None
+    passed: bool | None = None  # False: measured but failed the gate, so not in the repo
 
 
 @dataclass(frozen=True)

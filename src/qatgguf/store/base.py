@@ -123,7 +123,12 @@ def validate_key(key: str) -> str:
     Keys are relative POSIX paths; parts may not start with "." because the stores keep
     their temporary and metadata files under dot-names.
     """
-    if not isinstance(key, str) or not key:
+    if not isinstance(key, str):
+        raise StoreError(
+            f"artifact key must be a str, got {type(key).__name__}; the put_* methods take "
+            "the data first, then the key"
+        )
+    if not key:
         raise StoreError(
             f"artifact key {key!r} is empty; pass a relative path like 'models/x.gguf'"
         )
@@ -147,6 +152,16 @@ def validate_prefix(prefix: str) -> str:
     body = prefix[:-1] if prefix.endswith("/") else prefix
     validate_key(body)
     return prefix
+
+
+def check_key_arg(key: object, signature: str) -> str:
+    """Catch swapped arguments (`put_json(key, obj)`) with a message saying the order."""
+    if not isinstance(key, str):
+        raise StoreError(
+            f"{signature}: key must be a str, got {type(key).__name__}; the data comes first, "
+            "then the key"
+        )
+    return key
 
 
 def check_sha256(value: str, *, what: str) -> str:

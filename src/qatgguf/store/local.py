@@ -23,6 +23,7 @@ from qatgguf.store.base import (
     CHUNK_SIZE,
     ArtifactRef,
     ProgressCallback,
+    check_key_arg,
     check_sha256,
     dumps_json,
     loads_json,
@@ -282,7 +283,7 @@ class LocalStore:
         return data
 
     def put_json(self, obj: Any, key: str) -> ArtifactRef:
-        return self.put_bytes(dumps_json(obj), key)
+        return self.put_bytes(dumps_json(obj), check_key_arg(key, "put_json(obj, key)"))
 
     def get_json(self, key_or_uri: str) -> Any:
         return loads_json(self.get_bytes(key_or_uri), uri=key_or_uri)
