@@ -23,7 +23,8 @@ CHUNK_SIZE = 8 * 1024 * 1024
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 ProgressCallback = Callable[[int], None]
-"""Called with the number of bytes just transferred (like boto3's `Callback`)."""
+"""Called with the number of bytes just read for upload (like boto3's `Callback`). The S3
+store calls it from boto3's submission thread; an exception it raises aborts the upload."""
 
 
 @dataclass(frozen=True)
