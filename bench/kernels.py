@@ -18,16 +18,30 @@ from pathlib import Path
 
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-from gguf import GGMLQuantizationType as T  # noqa: E402
+import numpy as np
+from gguf import GGMLQuantizationType as T
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qatgguf.quant import quantize  # noqa: E402
-from tests.quant.ggml_ref import ggml_quantize  # noqa: E402
+from qatgguf.quant import quantize
+from tests.quant.ggml_ref import ggml_quantize
 
-TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "TQ2_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+TYPES = [
+    "F16",
+    "BF16",
+    "Q8_0",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "TQ2_0",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+]
 GRID_TYPES = ["Q4_0", "TQ2_0"]
 
 
@@ -59,20 +73,35 @@ def main() -> int:
     args = ap.parse_args()
     x = (np.random.default_rng(0).standard_normal((args.rows, args.cols)) * 0.02).astype(np.float32)
     mb = x.nbytes / 1e6
-    print(f"input {args.rows}x{args.cols} float32 = {mb:.1f} MB; best of {args.repeat}; one thread each")
+    print(
+        f"input {args.rows}x{args.cols} float32 = {mb:.1f} MB; best of {args.repeat}; one thread each"
+    )
     print(f"{'type':<11} {'ours MB/s':>10} {'ggml MB/s':>10} {'ratio':>6}  bytes")
     for name in args.types.split(","):
         grid = name.endswith("+qat")
         t = T[name.removesuffix("+qat")]
         data = x
         if grid:
-            data = _qat_tensor(args.rows, args.cols, 32 if t == T.Q4_0 else 256, (-8, 7) if t == T.Q4_0 else (-2, 1))
+            data = _qat_tensor(
+                args.rows,
+                args.cols,
+                32 if t == T.Q4_0 else 256,
+                (-8, 7) if t == T.Q4_0 else (-2, 1),
+            )
         ours = quantize(data, t, grid="qat" if grid else None)  # also compiles / loads the cache
         ref = ggml_quantize(data, t)
-        same = "grid (differs by design)" if grid else ("identical" if np.array_equal(ours, ref) else "DIFFERENT")
-        t_ours = _best(lambda: quantize(data, t, grid="qat" if grid else None), args.repeat)
-        t_ref = _best(lambda: ggml_quantize(data, t), args.repeat)
-        print(f"{name:<11} {mb / t_ours:10.0f} {mb / t_ref:10.0f} {t_ref / t_ours:6.2f}  {same}", flush=True)
+        same = (
+            "grid (differs by design)"
+            if grid
+            else ("identical" if np.array_equal(ours, ref) else "DIFFERENT")
+        )
+        g = "qat" if grid else None
+        t_ours = _best(lambda d=data, t=t, g=g: quantize(d, t, grid=g), args.repeat)
+        t_ref = _best(lambda d=data, t=t: ggml_quantize(d, t), args.repeat)
+        print(
+            f"{name:<11} {mb / t_ours:10.0f} {mb / t_ref:10.0f} {t_ref / t_ours:6.2f}  {same}",
+            flush=True,
+        )
     return 0
 
 

@@ -45,7 +45,13 @@ def lib() -> ctypes.CDLL:
     so = ctypes.CDLL(str(ggml_lib_path()))
     so.ggml_quantize_chunk.restype = ctypes.c_size_t
     so.ggml_quantize_chunk.argtypes = [
-        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
     ]
     so.ggml_quantize_init.argtypes = [ctypes.c_int]
     so.ggml_blck_size.restype = ctypes.c_int64

@@ -20,7 +20,9 @@ def round_scale(s: np.ndarray, rounding: str) -> np.ndarray:
     return s
 
 
-def qat4(nblocks: int, recipe: str, rounding: str, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def qat4(
+    nblocks: int, recipe: str, rounding: str, *, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(w (nblocks, 32) bf16-valued float32, k (nblocks, 32) int, s (nblocks,) signed scale)."""
     rng = np.random.default_rng(seed)
     if recipe == "uniform":
@@ -44,7 +46,9 @@ def qat4(nblocks: int, recipe: str, rounding: str, *, seed: int = 0) -> tuple[np
     return w, k, s
 
 
-def qat2(nblocks: int, codes: tuple[int, int], rounding: str, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def qat2(
+    nblocks: int, codes: tuple[int, int], rounding: str, *, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """2-bit grid per 256 block: k in [codes[0], codes[1]], s > 0."""
     rng = np.random.default_rng(seed)
     s = round_scale(np.exp(rng.normal(np.log(0.01), 0.6, nblocks)), rounding)

@@ -11,15 +11,16 @@ from gguf import GGMLQuantizationType as T
 
 from qatgguf.cli import main
 from qatgguf.errors import BlockSizeError, CheckpointError, NonFiniteError, UnknownQuantTypeError
-from qatgguf.quant import dequantize, quantize, resolve_type
-from qatgguf.quant import api
+from qatgguf.quant import api, dequantize, quantize, resolve_type
 from qatgguf.quant.lattice import lattice_report
 
 from .qat_synth import qat4
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_names_tensor_and_first_bad_row(bad: float, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_finite_names_tensor_and_first_bad_row(
+    bad: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(api, "CHUNK_ELEMENTS", 64)  # the bad row sits in a later chunk
     x = np.zeros((10, 64), np.float32)
     x[7, 5] = bad
@@ -30,9 +31,15 @@ def test_non_finite_names_tensor_and_first_bad_row(bad: float, monkeypatch: pyte
         quantize(x, T.Q8_0)
 
 
-@pytest.mark.parametrize(("qtype", "block", "fallback"), [("Q4_K", 256, "Q5_0"), ("Q6_K", 256, "Q8_0"), ("TQ2_0", 256, "Q4_0")])
+@pytest.mark.parametrize(
+    ("qtype", "block", "fallback"),
+    [("Q4_K", 256, "Q5_0"), ("Q6_K", 256, "Q8_0"), ("TQ2_0", 256, "Q4_0")],
+)
 def test_row_length_names_type_block_and_fallback(qtype: str, block: int, fallback: str) -> None:
-    with pytest.raises(BlockSizeError, match=rf"'token_embd\.weight'.*{qtype}.*block size {block}.*row length is 320.*{fallback}"):
+    with pytest.raises(
+        BlockSizeError,
+        match=rf"'token_embd\.weight'.*{qtype}.*block size {block}.*row length is 320.*{fallback}",
+    ):
         quantize(np.zeros((2, 320), np.float32), qtype, name="token_embd.weight")
     with pytest.raises(BlockSizeError, match="Q8_0 needs rows .* block size 32"):
         quantize(np.zeros((2, 40), np.float32), "Q8_0")
@@ -43,7 +50,11 @@ def test_unknown_type() -> None:
         resolve_type("Q4_X")
     with pytest.raises(UnknownQuantTypeError, match="IQ2_XXS"):
         quantize(np.zeros((1, 256), np.float32), "IQ2_XXS")
-    assert resolve_type("q4_k") is T.Q4_K and resolve_type(12) is T.Q4_K and resolve_type(T.Q4_K) is T.Q4_K
+    assert (
+        resolve_type("q4_k") is T.Q4_K
+        and resolve_type(12) is T.Q4_K
+        and resolve_type(T.Q4_K) is T.Q4_K
+    )
 
 
 def test_dequantize_checks_row_bytes() -> None:
@@ -61,7 +72,11 @@ def _write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
             dt = "BF16"
         else:
             raw, dt = arr.tobytes(), "F32"
-        header[name] = {"dtype": dt, "shape": list(arr.shape), "data_offsets": [off, off + len(raw)]}
+        header[name] = {
+            "dtype": dt,
+            "shape": list(arr.shape),
+            "data_offsets": [off, off + len(raw)],
+        }
         blobs.append(raw)
         off += len(raw)
     h = json.dumps(header).encode()
@@ -85,7 +100,11 @@ def test_lattice_command_text_and_json(tmp_path, capsys: pytest.CaptureFixture[s
     )
     assert main(["lattice", str(tmp_path), "--json"]) == 0
     rows = {r["tensor"]: r for r in json.loads(capsys.readouterr().out)}
-    assert set(rows) == {"model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"}
+    assert set(rows) == {
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.embed_tokens.weight",
+    }
     up = rows["model.layers.0.mlp.up_proj.weight"]
     assert up["q4_fraction"] == 1.0 and up["signature"]["scale_rounding"] == "bf16"
     assert "Q4_0-style" in up["signature"]["recipe"]

@@ -13,13 +13,30 @@ from qatgguf.quant.registry import KERNELS, TYPE_SIZES, _load_kernels
 from .data import varied_rows
 from .ggml_ref import block_and_size, ggml_dequantize, ggml_quantize, ggml_validate
 
-TYPES = [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.TQ2_0]
+TYPES = [
+    T.F32,
+    T.F16,
+    T.BF16,
+    T.Q8_0,
+    T.Q4_0,
+    T.Q4_1,
+    T.Q5_0,
+    T.Q5_1,
+    T.Q2_K,
+    T.Q3_K,
+    T.Q4_K,
+    T.Q5_K,
+    T.Q6_K,
+    T.TQ2_0,
+]
 
 
 def _first_diff(a: np.ndarray, b: np.ndarray, blk_bytes: int) -> str:
     idx = np.argwhere(a != b)
     r, c = (int(v) for v in idx[0])
-    return f"{len(idx)} bytes differ; first at row {r}, block {c // blk_bytes}, byte {c % blk_bytes}"
+    return (
+        f"{len(idx)} bytes differ; first at row {r}, block {c // blk_bytes}, byte {c % blk_bytes}"
+    )
 
 
 def test_type_table_matches_ggml_and_gguf() -> None:
@@ -33,7 +50,7 @@ def test_type_table_matches_ggml_and_gguf() -> None:
 
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 def test_quantize_bytes_equal_ggml(t: T) -> None:
-    blk, size = TYPE_SIZES[t]
+    _, size = TYPE_SIZES[t]
     n = 1024
     x = np.concatenate([varied_rows(n, seed=1), varied_rows(n, seed=2)])
     ours = quantize(x, t)
@@ -66,7 +83,7 @@ def test_dequantize_equals_ggml_to_float(t: T) -> None:
 @pytest.mark.parametrize("t", [T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K, T.TQ2_0], ids=lambda t: t.name)
 def test_dequantize_random_bytes_equal_ggml(t: T) -> None:
     # arbitrary bit patterns reach codes and scales the quantizers never emit (e.g. TQ2_0 q=3)
-    blk, size = TYPE_SIZES[t]
+    _, size = TYPE_SIZES[t]
     rng = np.random.default_rng(7)
     q = rng.integers(0, 256, (8, 4 * size), dtype=np.uint8)
     for b in range(4):  # keep the f16 scales finite so the comparison is about the codes
@@ -79,7 +96,9 @@ def test_dequantize_random_bytes_equal_ggml(t: T) -> None:
 
 def test_near_half_ties_q4_0_q8_0() -> None:
     # values that land on x*id = k + 0.5 exactly, the truncation and roundf paths
-    base = np.array([-8.0] + [k + 0.5 for k in range(-8, 7)] + [0.5 * k for k in range(16)], dtype=np.float32)
+    base = np.array(
+        [-8.0] + [k + 0.5 for k in range(-8, 7)] + [0.5 * k for k in range(16)], dtype=np.float32
+    )
     x = np.stack([base * s for s in (1.0, 0.125, 3.0, 1e-4, 7.0 / 3.0)])
     for t in (T.Q4_0, T.Q8_0, T.Q5_0, T.Q4_1, T.Q5_1):
         assert np.array_equal(quantize(x, t), ggml_quantize(x, t)), t.name

@@ -40,7 +40,9 @@ def test_q4_0_grid_recovers_codes_and_weights(recipe: str, rounding: str) -> Non
     else:
         assert consistent == 1.0, consistent
     if rounding == "bf16":  # bf16 scales come back exactly: the decoded weights are s*k
-        assert np.array_equal(deq, (np.abs(s)[:, None] * (np.sign(s)[:, None] * k)).astype(np.float32))
+        assert np.array_equal(
+            deq, (np.abs(s)[:, None] * (np.sign(s)[:, None] * k)).astype(np.float32)
+        )
     # the grid-aligned encoding is never worse than the reference in squared error against w
     ref = ggml_dequantize(ggml_quantize(w.reshape(64, -1), T.Q4_0).reshape(NBLOCKS, 18), T.Q4_0)
     assert np.square(deq - w, dtype=np.float64).sum() <= np.square(ref - w, dtype=np.float64).sum()
@@ -60,7 +62,11 @@ def test_recipe_signatures_tell_recipes_apart() -> None:
             sig = recipe_signature(stats)
             assert stats.fraction == 1.0
             assert words in str(sig["recipe"]), (recipe, sig)
-            assert sig["scale_rounding"] == ("bf16" if rounding == "bf16" else "f32"), (recipe, rounding, sig)
+            assert sig["scale_rounding"] == ("bf16" if rounding == "bf16" else "f32"), (
+                recipe,
+                rounding,
+                sig,
+            )
     w, _, _ = qat4(4096, "uniform", "f16", seed=4)
     assert recipe_signature(scan_grid(w, T.Q4_0))["scale_rounding"] == "f16"
 
@@ -100,7 +106,7 @@ def test_all_zero_blocks_on_grid_path() -> None:
 @pytest.mark.parametrize("codes", [(-2, 1), (-1, 2), (-1, 1)])
 @pytest.mark.parametrize("rounding", ["f32", "bf16"])
 def test_tq2_0_grid_is_exact(codes: tuple[int, int], rounding: str) -> None:
-    w, k, s = qat2(2048, codes, rounding, seed=9)
+    w, _, _ = qat2(2048, codes, rounding, seed=9)
     q = quantize(w.reshape(32, -1), T.TQ2_0, grid="qat").reshape(2048, 66)
     deq = dequantize(q, T.TQ2_0)
     assert np.array_equal(deq, ggml_dequantize(q, T.TQ2_0))

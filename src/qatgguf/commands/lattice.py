@@ -17,7 +17,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="checkpoint directory (or one .safetensors file)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
-        "--min-elements", type=int, default=256, help="skip tensors smaller than this (norms, scalars)"
+        "--min-elements",
+        type=int,
+        default=256,
+        help="skip tensors smaller than this (norms, scalars)",
     )
     p.set_defaults(run=run)
 
@@ -31,12 +34,16 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     width = max([len(r.tensor) for r in reports] + [6])
-    print(f"{'tensor':<{width}}  {'Q4_0 grid':>9}  {'TQ2_0 grid':>10}  {'scales':>6}  max code -> share; recipe")
+    print(
+        f"{'tensor':<{width}}  {'Q4_0 grid':>9}  {'TQ2_0 grid':>10}  {'scales':>6}  max code -> share; recipe"
+    )
     for r in reports:
         sig = r.signature
         shares = ", ".join(f"{c}:{v:.2f}" for c, v in dict(sig["max_code_shares"]).items()) or "-"
         tq2 = f"{r.tq2_fraction:10.4f}" if r.tq2_blocks else f"{'-':>10}"
-        print(f"{r.tensor:<{width}}  {r.q4_fraction:9.4f}{'':2}{tq2}  {sig['scale_rounding']:>6}  {shares}; {sig['recipe']}")
+        print(
+            f"{r.tensor:<{width}}  {r.q4_fraction:9.4f}{'':2}{tq2}  {sig['scale_rounding']:>6}  {shares}; {sig['recipe']}"
+        )
     if not reports:
         print("no float tensor large enough to scan", file=sys.stderr)
     return 0

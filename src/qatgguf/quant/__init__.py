@@ -4,4 +4,4 @@ from __future__ import annotations
 
 from qatgguf.quant.api import dequantize, quantize, resolve_type
 
-__all__ = ["quantize", "dequantize", "resolve_type"]
+__all__ = ["dequantize", "quantize", "resolve_type"]

@@ -58,8 +58,7 @@ def fp32_to_fp16(f: float) -> int:
     shl1_w = np.uint32(w + w)
     sign = w & np.uint32(0x80000000)
     bias = shl1_w & np.uint32(0xFF000000)
-    if bias < np.uint32(0x71000000):
-        bias = np.uint32(0x71000000)
+    bias = max(bias, np.uint32(0x71000000))
     base = bits_f32(np.uint32((bias >> np.uint32(1)) + np.uint32(0x07800000))) + base
     bits = f32_bits(base)
     exp_bits = (bits >> np.uint32(13)) & np.uint32(0x00007C00)
@@ -93,7 +92,9 @@ def fp32_to_bf16(f: float) -> int:
     u = f32_bits(f)
     if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
         return np.uint16((u >> np.uint32(16)) | np.uint32(64))
-    return np.uint16(np.uint32(u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return np.uint16(
+        np.uint32(u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    )
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -44,7 +44,9 @@ def resolve_type(qtype: str | int | GGMLQuantizationType) -> GGMLQuantizationTyp
             return GGMLQuantizationType[qtype.strip().upper()]
         except KeyError:
             known = ", ".join(t.name for t in GGMLQuantizationType)
-            raise UnknownQuantTypeError(f"unknown quantization type {qtype!r}; known: {known}") from None
+            raise UnknownQuantTypeError(
+                f"unknown quantization type {qtype!r}; known: {known}"
+            ) from None
     try:
         return GGMLQuantizationType(int(qtype))
     except (ValueError, TypeError):
@@ -92,7 +94,9 @@ def _check_row_length(t: GGMLQuantizationType, n: int, block: int, name: str | N
 
 def _prepare(x: np.ndarray, t: GGMLQuantizationType, name: str | None) -> tuple[np.ndarray, int]:
     if x.ndim == 0:
-        raise QuantizationError(f"{'tensor ' + repr(name) + ': ' if name else ''}cannot quantize a 0-d scalar")
+        raise QuantizationError(
+            f"{'tensor ' + repr(name) + ': ' if name else ''}cannot quantize a 0-d scalar"
+        )
     block, _ = type_size(t)
     n = int(x.shape[-1])
     _check_row_length(t, n, block, name)

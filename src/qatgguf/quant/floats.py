@@ -68,5 +68,3 @@ def _bf16_dequantize(data: np.ndarray, y: np.ndarray) -> None:
 class BF16Type(BlockQuant, qtype=T.BF16):
     quantize_blocks = staticmethod(_bf16_quantize)
     dequantize_blocks = staticmethod(_bf16_dequantize)
-
-

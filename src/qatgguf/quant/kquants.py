@@ -55,14 +55,11 @@ def _make_qkx2_quants(
     sum_x = sum_w * x[xo]
     for i in range(1, n):
         v = x[xo + i]
-        if v < mn:
-            mn = v
-        if v > mx:
-            mx = v
+        mn = min(mn, v)
+        mx = max(mx, v)
         sum_w += w[i]
         sum_x += w[i] * v
-    if mn > _ZERO:
-        mn = _ZERO
+    mn = min(mn, _ZERO)
     if mx == mn:
         for i in range(n):
             L[lo + i] = 0
@@ -118,7 +115,9 @@ def _get_scale_min_k4(j: int, s: np.ndarray, so: int) -> tuple[int, int]:
     # ref: ggml-quants.c get_scale_min_k4
     if j < 4:
         return s[so + j] & 63, s[so + j + 4] & 63
-    return (s[so + j + 4] & 0xF) | ((s[so + j - 4] >> 6) << 4), (s[so + j + 4] >> 4) | ((s[so + j] >> 6) << 4)
+    return (s[so + j + 4] & 0xF) | ((s[so + j - 4] >> 6) << 4), (s[so + j + 4] >> 4) | (
+        (s[so + j] >> 6) << 4
+    )
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -133,7 +132,9 @@ def _pack_scales_k4(out: np.ndarray, so: int, j: int, ls: int, lm: int) -> None:
 
 
 @njit(cache=True, nogil=True)
-def _qkx_quantize(x: np.ndarray, out: np.ndarray, nmax: int, rmin: float, step_count: int, bpb: int) -> None:
+def _qkx_quantize(
+    x: np.ndarray, out: np.ndarray, nmax: int, rmin: float, step_count: int, bpb: int
+) -> None:
     """Q4_K (nmax=15) and Q5_K (nmax=31): one body, the C functions differ only in the
     search range and the bit packing. ref: quantize_row_q4_K_ref, quantize_row_q5_K_ref"""
     nb = x.size // 256
@@ -155,13 +156,24 @@ def _qkx_quantize(x: np.ndarray, out: np.ndarray, nmax: int, rmin: float, step_c
             av_x = np.sqrt(sum_x2 / F32(32.0))
             for k in range(32):
                 weights[k] = av_x + abs(x[xb + 32 * j + k])
-            sc, mi = _make_qkx2_quants(x, xb + 32 * j, 32, nmax, weights, L, 32 * j, laux, rmin, F32(0.1), step_count, False)
+            sc, mi = _make_qkx2_quants(
+                x,
+                xb + 32 * j,
+                32,
+                nmax,
+                weights,
+                L,
+                32 * j,
+                laux,
+                rmin,
+                F32(0.1),
+                step_count,
+                False,
+            )
             scales[j] = sc
             mins[j] = mi
-            if sc > max_scale:
-                max_scale = sc
-            if mi > max_min:
-                max_min = mi
+            max_scale = max(max_scale, sc)
+            max_min = max(max_min, mi)
         inv_scale = F32(63.0) / max_scale if max_scale > _ZERO else _ZERO
         inv_min = F32(63.0) / max_min if max_min > _ZERO else _ZERO
         for k in range(12):
@@ -297,7 +309,9 @@ class Q5_K(BlockQuant, qtype=T.Q5_K):
 
 
 @njit(cache=True, nogil=True)
-def _make_qx_quants_rmse1(x: np.ndarray, xo: int, n: int, nmax: int, L: np.ndarray, lo: int) -> float:
+def _make_qx_quants_rmse1(
+    x: np.ndarray, xo: int, n: int, nmax: int, L: np.ndarray, lo: int
+) -> float:
     """make_qx_quants with rmse_type=1 and no importance weights (w = x*x).
 
     ref: ggml-quants.c make_qx_quants
@@ -457,13 +471,13 @@ def _q2_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
         for j in range(16):
             for k in range(16):
                 weights[k] = abs(x[xb + 16 * j + k])
-            sc, mi = _make_qkx2_quants(x, xb + 16 * j, 16, 3, weights, L, 16 * j, laux, F32(-0.5), F32(0.1), 15, True)
+            sc, mi = _make_qkx2_quants(
+                x, xb + 16 * j, 16, 3, weights, L, 16 * j, laux, F32(-0.5), F32(0.1), 15, True
+            )
             scales[j] = sc
             mins[j] = mi
-            if sc > max_scale:
-                max_scale = sc
-            if mi > max_min:
-                max_min = mi
+            max_scale = max(max_scale, sc)
+            max_min = max(max_min, mi)
         if max_scale > _ZERO:
             iscale = q4scale / max_scale
             for j in range(16):
@@ -492,7 +506,9 @@ def _q2_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
                 L[16 * j + k] = max(0, min(3, li))
         for j in range(0, 256, 128):
             for k in range(32):
-                out[o + 16 + j // 4 + k] = L[j + k] | (L[j + k + 32] << 2) | (L[j + k + 64] << 4) | (L[j + k + 96] << 6)
+                out[o + 16 + j // 4 + k] = (
+                    L[j + k] | (L[j + k + 32] << 2) | (L[j + k + 64] << 4) | (L[j + k + 96] << 6)
+                )
 
 
 @njit(cache=True, nogil=True)
@@ -536,7 +552,9 @@ class Q2_K(BlockQuant, qtype=T.Q2_K):
 
 
 @njit(cache=True, nogil=True)
-def _make_q3_quants_rmse(x: np.ndarray, xo: int, n: int, nmax: int, L: np.ndarray, lo: int) -> float:
+def _make_q3_quants_rmse(
+    x: np.ndarray, xo: int, n: int, nmax: int, L: np.ndarray, lo: int
+) -> float:
     """make_q3_quants with do_rmse=true. ref: ggml-quants.c make_q3_quants"""
     mx = _ZERO
     amax = _ZERO

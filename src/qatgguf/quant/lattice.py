@@ -34,7 +34,15 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from qatgguf.errors import CheckpointError, QuantizationError
-from qatgguf.quant._fp import F32, bits_f32, f32_bits, fp16_to_fp32, fp32_to_bf16, fp32_to_fp16, nearest_int
+from qatgguf.quant._fp import (
+    F32,
+    bits_f32,
+    f32_bits,
+    fp16_to_fp32,
+    fp32_to_bf16,
+    fp32_to_fp16,
+    nearest_int,
+)
 from qatgguf.quant.legacy import _q4_0_quantize
 from qatgguf.quant.ternary import _tq2_0_quantize
 
@@ -221,8 +229,14 @@ def _grid_encode(
 
 @njit(cache=True, nogil=True)
 def _write_scales(
-    out: np.ndarray, cand_any: np.ndarray, cand_bf: np.ndarray, neg: np.ndarray, kcode: np.ndarray,
-    ts: int, doff: int, prefer_bf: bool,
+    out: np.ndarray,
+    cand_any: np.ndarray,
+    cand_bf: np.ndarray,
+    neg: np.ndarray,
+    kcode: np.ndarray,
+    ts: int,
+    doff: int,
+    prefer_bf: bool,
 ) -> None:
     for i in range(kcode.size):
         if kcode[i] == 0:
@@ -244,7 +258,9 @@ class GridStats:
     on_grid: int = 0
     exact_scale: int = 0  # grid blocks with an fp16 scale that reproduces every weight
     bf16_scale: int = 0  # grid blocks with a bf16-valued such scale
-    max_codes: dict[int, int] = field(default_factory=dict)  # signed code of the max element -> blocks
+    max_codes: dict[int, int] = field(
+        default_factory=dict
+    )  # signed code of the max element -> blocks
 
     @property
     def fraction(self) -> float:
@@ -309,8 +325,14 @@ class GridEncoder:
         for cand_any, cand_bf, neg, kcode in self._parts:
             nbytes = kcode.size * self.type_size
             _write_scales(
-                out[pos : pos + nbytes], cand_any.astype(np.int64), cand_bf.astype(np.int64), neg, kcode,
-                self.type_size, self.doff, prefer_bf,
+                out[pos : pos + nbytes],
+                cand_any.astype(np.int64),
+                cand_bf.astype(np.int64),
+                neg,
+                kcode,
+                self.type_size,
+                self.doff,
+                prefer_bf,
             )
             pos += nbytes
         self._parts.clear()
@@ -341,7 +363,11 @@ def recipe_signature(stats: GridStats) -> dict[str, object]:
     """Which code the block maximum maps to (share of grid blocks), the scale rounding and
     the QAT recipe those imply (ref: reference notes section 3b, recipe signature table)."""
     total = stats.on_grid
-    shares = {f"{c:+d}": round(n / total, 4) for c, n in sorted(stats.max_codes.items())} if total else {}
+    shares = (
+        {f"{c:+d}": round(n / total, 4) for c, n in sorted(stats.max_codes.items())}
+        if total
+        else {}
+    )
     p = {c: n / total for c, n in stats.max_codes.items()} if total else {}
     neg8, pos8, pos7 = p.get(-8, 0.0), p.get(8, 0.0), p.get(7, 0.0)
     if not total:
@@ -383,7 +409,9 @@ def _read_header(path: Path) -> tuple[dict[str, dict], int]:
             (hlen,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(hlen))
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"not a readable safetensors file ({exc}). Fix: re-download the shard", file=str(path)) from exc
+        raise CheckpointError(
+            f"not a readable safetensors file ({exc}). Fix: re-download the shard", file=str(path)
+        ) from exc
     header.pop("__metadata__", None)
     return header, 8 + hlen
 
@@ -392,7 +420,9 @@ def _load_tensor(path: Path, name: str, info: dict, base: int) -> np.ndarray:
     dtype = info.get("dtype")
     if dtype not in _ST_DTYPES:
         raise CheckpointError(
-            f"dtype {dtype} is not a float type the grid scan reads (BF16, F16, F32)", file=str(path), tensor=name
+            f"dtype {dtype} is not a float type the grid scan reads (BF16, F16, F32)",
+            file=str(path),
+            tensor=name,
         )
     start, end = info["data_offsets"]
     shape = tuple(int(s) for s in info["shape"])
@@ -420,14 +450,20 @@ def lattice_report(src_dir: str | Path, *, min_elements: int = 256) -> list[Tens
     src = Path(src_dir)
     files = sorted(src.glob("*.safetensors")) if src.is_dir() else [src]
     if not files:
-        raise CheckpointError("no *.safetensors files. Fix: point at a checkpoint directory", file=str(src))
+        raise CheckpointError(
+            "no *.safetensors files. Fix: point at a checkpoint directory", file=str(src)
+        )
     out: list[TensorGridReport] = []
     for path in files:
         header, base = _read_header(path)
         for name in sorted(header):
             info = header[name]
             shape = tuple(int(s) for s in info.get("shape", []))
-            if info.get("dtype") not in _ST_DTYPES or not shape or int(np.prod(shape)) < min_elements:
+            if (
+                info.get("dtype") not in _ST_DTYPES
+                or not shape
+                or int(np.prod(shape)) < min_elements
+            ):
                 continue
             if shape[-1] % 32:
                 continue

@@ -97,10 +97,8 @@ def _q4_1_quantize(x: np.ndarray, out: np.ndarray) -> None:
         mx = -_F32_MAX
         for j in range(32):
             v = x[b + j]
-            if v < mn:
-                mn = v
-            if v > mx:
-                mx = v
+            mn = min(mn, v)
+            mx = max(mx, v)
         d = (mx - mn) / F32(15.0)
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         o = i * 20
@@ -217,10 +215,8 @@ def _q5_1_quantize(x: np.ndarray, out: np.ndarray) -> None:
         mx = -_F32_MAX
         for j in range(32):
             v = x[b + j]
-            if v < mn:
-                mn = v
-            if v > mx:
-                mx = v
+            mn = min(mn, v)
+            mx = max(mx, v)
         d = (mx - mn) / F32(31.0)
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         o = i * 24
@@ -277,7 +273,7 @@ def _q8_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
         amax = F32(0.0)
         for j in range(32):
             av = abs(x[b + j])
-            amax = amax if amax > av else av  # MAX(a, b) = a > b ? a : b
+            amax = max(av, amax)  # MAX(a, b) = a > b ? a : b
         d = amax / F32(127.0)
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         o = i * 34

@@ -83,7 +83,9 @@ class BlockQuant:
         cls.qtype = qtype
         cls.block_size, cls.type_size = type_size(qtype)
         if qtype in KERNELS:
-            raise RuntimeError(f"two kernels registered for {qtype.name}: {KERNELS[qtype].__name__}, {cls.__name__}")
+            raise RuntimeError(
+                f"two kernels registered for {qtype.name}: {KERNELS[qtype].__name__}, {cls.__name__}"
+            )
         KERNELS[qtype] = cls
 
 

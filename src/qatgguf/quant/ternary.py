@@ -33,7 +33,7 @@ def _tq2_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
         amax = F32(0.0)
         for j in range(256):
             av = abs(x[xb + j])
-            amax = amax if amax > av else av
+            amax = max(av, amax)
         d = amax
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         h = fp32_to_fp16(d)
