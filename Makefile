@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine (Python 3.11 and the package registries only):
+#   make release-demo   install everything, then release the built-in tiny five-size family
+#   make test           install everything, then run the tests
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.qatgguf-installed
+
+.PHONY: install release-demo test bench clean-runs
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU build on local disk, never the multi-GB CUDA one
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+release-demo: $(STAMP)
+	$(BIN)/qatgguf release tiny-family
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/kernels.py
+	$(BIN)/python bench/convert.py
+	$(BIN)/python bench/eval.py
+
+clean-runs:
+	rm -rf runs

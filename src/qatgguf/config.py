@@ -1,0 +1,167 @@
+"""Release configuration: which models, from where, which recipes, which gate, where to.
+
+A release config is YAML validated on load; unknown keys are rejected so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qatgguf.errors import ConfigError
+
+CONFIG_VERSION = 1
+
+# A model source: a local directory, `tiny://<name>` (the built-in tiny family),
+# `hf://org/repo@revision` or `s3://bucket/prefix`.
+_SOURCE_RE = re.compile(r"^(tiny://[\w.-]+|hf://[\w.-]+/[\w.-]+(@[\w./-]+)?|s3://[a-z0-9.-]{3,63}(/.*)?|[^:]+)$")
+_REPO_RE = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GateConfig(_Strict):
+    """Publish a file only if every figure is within its bound (llama-perplexity's numbers)."""
+
+    max_mean_kld: float = Field(0.05, ge=0)
+    max_kld_99_9: float = Field(1.0, ge=0)
+    min_same_top_p: float = Field(0.85, ge=0, le=1)  # a fraction, not percent
+    max_ppl_ratio: float = Field(1.10, ge=1)
+
+
+class EvalConfig(_Strict):
+    corpus: str | None = None  # None: the corpus shipped with qatgguf
+    ctx: int = Field(256, ge=16)
+    chunks: int | None = Field(None, ge=1)
+    chunk_tasks: int = Field(2, ge=1)  # evaluation tasks per quant (chunk ranges)
+    threads: int = Field(1, ge=1)
+
+
+class StoreConfig(_Strict):
+    url: str = "runs/store"  # local path, file:///…, or s3://bucket/prefix
+    endpoint_url: str | None = None  # S3-compatible endpoint; credentials come from the AWS chain
+
+
+class PublishConfig(_Strict):
+    target: Literal["local", "hub"] = "local"
+    local_root: str = "runs/hub"
+    endpoint: str | None = None  # Hub endpoint; the token comes from HF_TOKEN
+    private: bool = False
+
+
+class RayConfig(_Strict):
+    address: str = "local"  # "local" starts a private instance; "auto" or host:port joins one
+    num_cpus: int | None = None
+
+
+class ModelConfig(_Strict):
+    name: str = Field(pattern=r"^[\w.-]+$")
+    source: str
+    repo: str
+    file_prefix: str = Field(pattern=r"^[\w.-]+$")
+    base_model: str | None = None  # the Hub id of the QAT checkpoint, for the card
+    recipes: tuple[str, ...] | None = None
+    gate: GateConfig | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if not _SOURCE_RE.match(v):
+            raise ValueError(
+                f"source {v!r} is not a local path, tiny://NAME, hf://org/repo@rev or s3://bucket/prefix"
+            )
+        return v
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, v: str) -> str:
+        if not _REPO_RE.match(v):
+            raise ValueError(f"repo {v!r} must look like 'org/name'")
+        return v
+
+
+class ReleaseConfig(_Strict):
+    version: Literal[1]
+    family: str
+    license: str = "gemma"
+    quantized_by: str = "qatgguf"
+    recipes: tuple[str, ...] = ("q8_0", "q4_0")
+    base_recipe: str = "bf16"
+    models: tuple[ModelConfig, ...] = Field(min_length=1)
+    gate: GateConfig = GateConfig()
+    eval: EvalConfig = EvalConfig()
+    store: StoreConfig = StoreConfig()
+    publish: PublishConfig = PublishConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _unique(self) -> ReleaseConfig:
+        names = [m.name for m in self.models]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {sorted(dup)}")
+        return self
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ConfigError(f"model {name!r} is not in family {self.family!r}; known: {[m.name for m in self.models]}")
+
+    def recipes_for(self, model: ModelConfig) -> tuple[str, ...]:
+        return model.recipes if model.recipes is not None else self.recipes
+
+    def gate_for(self, model: ModelConfig) -> GateConfig:
+        return model.gate if model.gate is not None else self.gate
+
+    def select(self, *, models: list[str] | None = None, recipes: list[str] | None = None) -> ReleaseConfig:
+        """The same release restricted to some models and/or recipes."""
+        update: dict = {}
+        if models:
+            update["models"] = tuple(self.model(n) for n in models)
+        if recipes:
+            update["recipes"] = tuple(recipes)
+            update["models"] = tuple(m.model_copy(update={"recipes": None}) for m in update.get("models", self.models))
+        return self.model_copy(update=update)
+
+
+def load_release_config(path: str | Path) -> ReleaseConfig:
+    """Read and validate a release config. Raises ConfigError naming the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: release config not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_release_config(raw, origin=str(path))
+
+
+def parse_release_config(raw: object, *, origin: str = "<config>") -> ReleaseConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: a release config is a mapping, got {type(raw).__name__}")
+    if raw.get("version") != CONFIG_VERSION:
+        raise ConfigError(f"{origin}: 'version' must be {CONFIG_VERSION} (got {raw.get('version')!r})")
+    try:
+        return ReleaseConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError(f"{origin}: invalid release config:\n" + "\n".join(lines)) from None
+
+
+def builtin_config_path(name: str) -> Path:
+    """Configs shipped with qatgguf (`tiny-family`, `gemma-4-qat`)."""
+    p = Path(__file__).parent / "configs" / f"{name}.yaml"
+    if not p.exists():
+        raise ConfigError(f"no built-in release config {name!r}")
+    return p
