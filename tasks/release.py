@@ -42,7 +42,7 @@ def assemble_gguf(
 @task(name="base-records", task_run_name="base-records-{model}", retries=1, **_common)
 def base_records(
     ctx: core.ReleaseContext, model: str, base: Sequence[ArtifactRef], settings: core.EvalSettings
-) -> ArtifactRef:
+) -> core.BaseRecordsRef:
     return core.base_records(ctx, base, settings)
 
 
@@ -52,17 +52,17 @@ def evaluate_range(
     model: str,
     recipe: str,
     quant: Sequence[ArtifactRef],
-    records: ArtifactRef,
+    records: core.BaseRecordsRef,
     part: int,
     n_parts: int,
     settings: core.EvalSettings,
-) -> ArtifactRef:
+) -> ArtifactRef | None:
     return core.eval_range(ctx, model, recipe, quant, records, part, n_parts, settings)
 
 
 @task(name="merge-eval", task_run_name="merge-eval-{model}-{recipe}", **_common)
 def merge_eval(
-    ctx: core.ReleaseContext, model: str, recipe: str, ranges: Sequence[ArtifactRef], quant: Sequence[ArtifactRef]
+    ctx: core.ReleaseContext, model: str, recipe: str, ranges: Sequence[ArtifactRef | None], quant: Sequence[ArtifactRef]
 ) -> dict:
     return core.merge_eval(ctx, model, recipe, ranges, quant)
 

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -83,24 +83,16 @@ class ReleaseContext:
 
 
 def resolve_source(source: str) -> Path:
-    """A local checkpoint directory for a model source."""
+    """A local checkpoint directory for a model source: `tiny://NAME` builds (or reuses) the
+    built-in tiny family; paths, `hf://` and `s3://` go through the converter's resolver."""
     if source.startswith("tiny://"):
         from qatgguf.fixtures import build_family
 
         name = source.removeprefix("tiny://")
         return build_family(cache_root() / "fixtures", models=[name])[name]
-    if source.startswith("hf://"):
-        from qatgguf.convert.sources import fetch_hf_checkpoint
+    from qatgguf.convert.source import resolve_source as resolve
 
-        return fetch_hf_checkpoint(source, cache_dir=cache_root() / "hf")
-    if source.startswith("s3://"):
-        from qatgguf.convert.sources import fetch_store_checkpoint
-
-        return fetch_store_checkpoint(source, cache_dir=cache_root() / "s3")
-    path = Path(source).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"model source {source!r} is not a directory")
-    return path.resolve()
+    return resolve(source, cache_dir=cache_root() / "sources")
 
 
 # ---------------------------------------------------------------------------- plan
@@ -127,8 +119,8 @@ def plan_model(ctx: ReleaseContext, model: ModelConfig, recipes: Sequence[str]) 
     for recipe in recipes:
         plan = plan_conversion(src, recipe=recipe)
         n_shards = len(plan.shards)
-        has_mmproj = has_mmproj or bool(getattr(plan, "mmproj_tensors", ()))
-        ref = store.put_json(ctx.key(model.name, recipe, "plan.json"), json.loads(plan.to_json()))
+        has_mmproj = has_mmproj or bool(plan.mmproj)
+        ref = store.put_json(json.loads(plan.to_json()), ctx.key(model.name, recipe, "plan.json"))
         uris[recipe] = ref.uri
     return ModelPlan(model.name, str(src), int(n_shards or 0), uris, has_mmproj)
 
@@ -196,11 +188,16 @@ class EvalSettings:
     chunks: int | None
     threads: int = 1
 
+    def runner(self):
+        from qatgguf.evaluate import RunnerSettings
+
+        return RunnerSettings(n_threads=self.threads)
+
 
 def _corpus_path(corpus: str | None) -> Path:
-    from qatgguf.evaluate.corpus import default_corpus_path
+    from qatgguf.evaluate import default_corpus
 
-    return Path(corpus) if corpus else default_corpus_path()
+    return Path(corpus) if corpus else default_corpus()
 
 
 def _fetch_gguf(store, refs: Sequence[ArtifactRef], work: Path) -> Path:
@@ -209,28 +206,37 @@ def _fetch_gguf(store, refs: Sequence[ArtifactRef], work: Path) -> Path:
     return paths[0]
 
 
-def base_records(ctx: ReleaseContext, base: Sequence[ArtifactRef], settings: EvalSettings) -> ArtifactRef:
-    """The base model's log-prob records, computed once per (base file, corpus, settings):
-    a record already in the store is reused, whatever release made it."""
-    from qatgguf.evaluate import compute_base_records
+@dataclass(frozen=True)
+class BaseRecordsRef:
+    records: ArtifactRef
+    n_chunks: int
+    n_seq: int
+
+
+def base_records(ctx: ReleaseContext, base: Sequence[ArtifactRef], settings: EvalSettings) -> BaseRecordsRef:
+    """The base model's log-prob records, computed once per (base file, corpus, context,
+    llama.cpp settings): a record already in the store is reused, whatever release made it."""
+    from qatgguf.evaluate import compute_base_records, count_chunks, record_key
+    from qatgguf.evaluate.records import sha256_file
 
     store = ctx.store()
     corpus = _corpus_path(settings.corpus)
-    corpus_sha = hashlib.sha256(corpus.read_bytes()).hexdigest()
-    settings_digest = hashlib.sha256(
-        json.dumps({"ctx": settings.ctx, "chunks": settings.chunks}, sort_keys=True).encode()
-    ).hexdigest()[:16]
-    key = f"eval-base/{base[0].sha256}/{corpus_sha}/{settings_digest}/records.bin"
-    existing = store.stat(key)
-    if existing is not None:
-        log.info("reusing base records %s", existing.uri)
-        return existing
+    runner = settings.runner()
     with scratch("base-records-") as work:
         gguf = _fetch_gguf(store, base, work)
-        path = compute_base_records(
-            gguf, corpus, ctx=settings.ctx, chunks=settings.chunks, threads=settings.threads, out=work / "records.bin"
-        )
-        return store.put_file(path, key)
+        n_chunks = count_chunks(gguf, corpus, ctx=settings.ctx, chunks=settings.chunks)
+        key = record_key(gguf, corpus, ctx=settings.ctx, chunk_range=(0, n_chunks), settings=runner,
+                         base_sha256=base[0].sha256, corpus_sha256=sha256_file(corpus))
+        existing = store.stat(key.store_key())
+        if existing is not None:
+            log.info("reusing base records %s", existing.uri)
+            ref = existing
+        else:
+            path = compute_base_records(gguf, corpus, ctx=settings.ctx, chunk_range=(0, n_chunks), settings=runner,
+                                        out=work / "records.qgkl", base_sha256=base[0].sha256,
+                                        corpus_sha256=key.corpus_sha256)
+            ref = store.put_file(path, key.store_key())
+    return BaseRecordsRef(ref, n_chunks, runner.n_seq(settings.ctx))
 
 
 def eval_range(
@@ -238,47 +244,55 @@ def eval_range(
     model: str,
     recipe: str,
     quant: Sequence[ArtifactRef],
-    records: ArtifactRef,
+    records: BaseRecordsRef,
     part: int,
     n_parts: int,
     settings: EvalSettings,
-) -> ArtifactRef:
-    """Evaluate one range of chunks (part `part` of `n_parts`) of a quant against the base records."""
-    from qatgguf.evaluate import chunk_ranges, evaluate_chunks, read_records_header
+) -> ArtifactRef | None:
+    """Evaluate range `part` of `n_parts` of the corpus chunks (None when there are fewer
+    ranges than parts) and store its per-token values."""
+    from qatgguf.evaluate import evaluate_chunks, plan_chunk_ranges
 
+    ranges = plan_chunk_ranges(records.n_chunks, n_parts=n_parts, n_seq=records.n_seq)
+    if part >= len(ranges):
+        return None
     store = ctx.store()
     with scratch(f"{model}-{recipe}-eval{part}-") as work:
-        rec = store.get_file(records.uri, work / "records.bin", sha256=records.sha256)
-        n_chunks = read_records_header(rec).n_chunks
-        rng = chunk_ranges(n_chunks, n_parts)[part]
+        rec = store.get_file(records.records.uri, work / "records.qgkl", sha256=records.records.sha256)
         gguf = _fetch_gguf(store, quant, work)
-        stats = evaluate_chunks(gguf, rec, chunk_range=rng, threads=settings.threads)
-        return store.put_json(ctx.key(model, "eval", recipe, f"range-{part}.json"), stats.to_dict())
+        stats = evaluate_chunks(gguf, rec, chunk_range=ranges[part], quant_sha256=quant[0].sha256,
+                                n_threads=settings.threads)
+        path = stats.save(work / f"range-{part}.npz")
+        return store.put_file(path, ctx.key(model, "eval", recipe, path.name))
 
 
 def merge_eval(
-    ctx: ReleaseContext, model: str, recipe: str, ranges: Sequence[ArtifactRef], quant: Sequence[ArtifactRef]
+    ctx: ReleaseContext, model: str, recipe: str, ranges: Sequence[ArtifactRef | None], quant: Sequence[ArtifactRef]
 ) -> dict:
     """Merge the chunk ranges exactly (per-token values are kept) into llama-perplexity's numbers."""
     from qatgguf.evaluate import ChunkStats, merge
 
     store = ctx.store()
-    result = merge([ChunkStats.from_dict(store.get_json(r.uri)) for r in ranges])
-    data = result.to_dict()
-    data["quant_size"] = sum(r.size for r in quant)
-    data["quant_files"] = [r.uri for r in quant]
-    store.put_json(ctx.key(model, "eval", recipe, "result.json"), data)
+    with scratch(f"{model}-{recipe}-merge-") as work:
+        stats = [
+            ChunkStats.load(store.get_file(r.uri, work / f"range-{i}.npz", sha256=r.sha256))
+            for i, r in enumerate(ranges)
+            if r is not None
+        ]
+    data = merge(stats).to_dict()
+    data["quant_size"] = sum(r.size for r in quant)  # all split files
+    store.put_json(data, ctx.key(model, "eval", recipe, "result.json"))
     return data
 
 
 def gate(ctx: ReleaseContext, model: str, recipe: str, result: dict, thresholds: GateConfig) -> dict:
     """Apply the release gate and store the decision beside the numbers."""
-    from qatgguf.evaluate.gate import GateThresholds, apply_gate
+    from qatgguf.evaluate import EvalResult, GateThresholds, apply_gate
 
-    decision = apply_gate(result, GateThresholds(**thresholds.model_dump()))
-    data = {"model": model, "recipe": recipe, "passed": decision.passed, "reasons": list(decision.reasons),
-            "thresholds": thresholds.model_dump(), "result": result}
-    ctx.store().put_json(ctx.key(model, "eval", recipe, "gate.json"), data)
+    decision = apply_gate(EvalResult(**result), GateThresholds(**thresholds.model_dump()))
+    data = {"model": model, "recipe": recipe, **decision.to_dict(), "thresholds": thresholds.model_dump(),
+            "result": result}
+    ctx.store().put_json(data, ctx.key(model, "eval", recipe, "gate.json"))
     return data
 
 
@@ -298,40 +312,40 @@ def publish_model(
 
     Never publishes a file whose gate decision is missing or failed; if none passed,
     nothing is published and the result says why."""
-    from qatgguf.hub import CardData, EvalRow, FileEntry, open_publisher, render_card
+    from qatgguf.hub import CardData, CardFile, EvalRow, open_publisher, render_card
 
     passed = [r for r, g in gates.items() if g.get("passed")]
     failed = {r: g.get("reasons", ["no gate decision"]) for r, g in gates.items() if not g.get("passed")}
     store = ctx.store()
+    data = {"model": model.name, "repo": model.repo, "published": False, "files": [], "failed": failed}
     if not passed:
-        data = {"model": model.name, "repo": model.repo, "published": False, "files": [], "failed": failed}
-        store.put_json(ctx.key(model.name, "published.json"), data)
+        store.put_json(data, ctx.key(model.name, "published.json"))
         return data
     with scratch(f"{model.name}-publish-") as work:
         local: list[Path] = []
-        entries: list[FileEntry] = []
+        entries: list[CardFile] = []
         for recipe in passed:
             for ref in files[recipe]:
                 p = store.get_file(ref.uri, work / ref.uri.rsplit("/", 1)[-1], sha256=ref.sha256)
                 local.append(p)
-                entries.append(FileEntry(path=p.name, quant=quant_label(recipe), size=ref.size, sha256=ref.sha256))
+                entries.append(CardFile(path=p.name, size=ref.size, quant=quant_label(recipe)))
         for ref in mmproj:
             p = store.get_file(ref.uri, work / ref.uri.rsplit("/", 1)[-1], sha256=ref.sha256)
             local.append(p)
-            entries.append(FileEntry(path=p.name, quant="mmproj", size=ref.size, sha256=ref.sha256))
-        rows = [
+            entries.append(CardFile(path=p.name, size=ref.size, kind="mmproj"))
+        rows = tuple(
             EvalRow(
                 model=model.name,
                 method=quant_label(r),
-                size_bytes=int(gates[r]["result"].get("quant_size", 0)),
-                mean_kld=float(gates[r]["result"]["mean_kld"]),
-                kld_99_9=float(gates[r]["result"]["kld_99_9"]),
-                top1=float(gates[r]["result"]["same_top_p"]),
-                ppl=float(gates[r]["result"]["ppl_quant"]),
-                passed=bool(gates[r]["passed"]),
+                size=int(g["result"]["quant_size"]),
+                mean_kld=float(g["result"]["mean_kld"]),
+                kld_p999=float(g["result"]["kld_99_9"]),
+                top1_pct=100.0 * float(g["result"]["same_top_p"]),
+                ppl=float(g["result"]["ppl_quant"]),
+                passed=bool(g["passed"]),
             )
-            for r in gates
-        ]
+            for r, g in gates.items()
+        )
         card = render_card(
             CardData(
                 repo_id=model.repo,
@@ -339,25 +353,20 @@ def publish_model(
                 license=cfg.license,
                 quantized_by=cfg.quantized_by,
                 files=tuple(entries),
-                eval_rows=tuple(rows),
-                release_id=ctx.release_id,
+                eval_rows=rows,
             )
         )
-        publisher = open_publisher(cfg.publish)
-        result = publisher.publish(
-            model.repo, local, card, commit_message=f"Release {ctx.release_id}: {', '.join(quant_label(r) for r in passed)}"
+        result = open_publisher(cfg.publish).publish(
+            model.repo, local, card,
+            commit_message=f"Release {ctx.release_id}: {', '.join(quant_label(r) for r in passed)}",
         )
-    data = {"model": model.name, "repo": model.repo, "published": True, "url": result.url,
-            "commit": result.commit, "files": [e.path for e in entries], "failed": failed}
-    store.put_json(ctx.key(model.name, "published.json"), data)
+    data.update(published=True, url=result.url, commit=result.commit, files=list(result.files))
+    store.put_json(data, ctx.key(model.name, "published.json"))
     return data
 
 
 def write_manifest(ctx: ReleaseContext, cfg: ReleaseConfig, summary: dict) -> ArtifactRef:
     data = {"family": cfg.family, "release_id": ctx.release_id, "config": json.loads(cfg.model_dump_json()),
             "models": summary}
-    return ctx.store().put_json(ctx.key("manifest.json"), data)
+    return ctx.store().put_json(data, ctx.key("manifest.json"))
 
-
-def ref_dict(ref: ArtifactRef) -> dict:
-    return asdict(ref)

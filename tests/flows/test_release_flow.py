@@ -1,0 +1,72 @@
+"""The release flow end to end: a dense and the MoE tiny size, real Prefect, real Ray."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qatgguf.config import builtin_config_path
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _config(tmp_path: Path, **overrides) -> Path:
+    raw = yaml.safe_load(builtin_config_path("tiny-family").read_text())
+    raw["store"] = {"url": str(tmp_path / "store")}
+    raw["publish"] = {"target": "local", "local_root": str(tmp_path / "hub")}
+    raw["eval"].update({"chunks": 8, "chunk_tasks": 2})
+    raw.update(overrides)
+    p = tmp_path / "release.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def _task_runs(flow_run_id) -> list:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
+
+    async def go():
+        async with get_client() as client:
+            return await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=500
+            )
+
+    return asyncio.run(go())
+
+
+def test_release_dense_and_moe(tmp_path, tiny_family, prefect_server, local_ray):
+    from flows.release import release
+
+    cfg_path = _config(tmp_path)
+    state = release(config=str(cfg_path), models=["31B", "26B-A4B"], return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["gate_failed"] == []
+
+    hub = tmp_path / "hub"
+    for name, prefix in (("31B", "gemma-4-31B-it-qat"), ("26B-A4B", "gemma-4-26B-A4B-it-qat")):
+        repo = hub / "qatgguf-tiny" / f"gemma-4-{name}-it-qat-GGUF"
+        files = sorted(p.name for p in repo.iterdir())
+        assert f"{prefix}-Q4_0.gguf" in files and f"{prefix}-Q8_0.gguf" in files
+        card = (repo / "README.md").read_text()
+        assert card.startswith("---") and "Q4_0" in card and "KLD" in card
+
+    # every artifact is in the store, with the gate decision beside the numbers
+    manifest = json.loads(Path(result["manifest"].removeprefix("file://")).read_text())
+    assert set(manifest["models"]) == {"31B", "26B-A4B"}
+
+    # the Prefect API holds the flow run and at least one Completed task run per shard per model
+    runs = _task_runs(state.state_details.flow_run_id)
+    shard_runs = [r for r in runs if r.name.startswith("quantize-")]
+    for name in ("31B", "26B-A4B"):
+        index = json.loads((tiny_family[name] / "model.safetensors.index.json").read_text())
+        n_shards = len(set(index["weight_map"].values()))
+        mine = [r for r in shard_runs if r.name.startswith(f"quantize-{name}-shard-")]
+        assert len(mine) == n_shards >= 3
+        assert all(r.state.is_completed() for r in mine)
+    assert all(r.state.is_completed() for r in runs), [(r.name, r.state.name) for r in runs if not r.state.is_completed()]

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from qatgguf.config import builtin_config_path, load_release_config, parse_release_config
+from qatgguf.errors import ConfigError
+
+
+def _raw(name: str) -> dict:
+    return yaml.safe_load(builtin_config_path(name).read_text())
+
+
+@pytest.mark.parametrize("name", ["tiny-family", "gemma-4-qat"])
+def test_builtin_configs_validate(name):
+    cfg = load_release_config(builtin_config_path(name))
+    assert len(cfg.models) == 5
+    assert {m.name for m in cfg.models} == {"E2B", "E4B", "12B", "26B-A4B", "31B"}
+
+
+def test_real_family_points_at_google_qat_sources_and_unsloth_style_repos():
+    cfg = load_release_config(builtin_config_path("gemma-4-qat"))
+    for m in cfg.models:
+        assert m.source.startswith("hf://google/gemma-4-") and "qat" in m.source
+        assert m.repo.endswith("-it-qat-GGUF")
+    assert "UD-Q4_K_XL" in cfg.recipes
+
+
+def test_unknown_key_is_rejected_with_its_path():
+    raw = _raw("tiny-family")
+    raw["gate"]["max_mean_kdl"] = 0.1  # typo
+    with pytest.raises(ConfigError, match=r"gate\.max_mean_kdl"):
+        parse_release_config(raw, origin="x.yaml")
+
+
+def test_unknown_model_key_is_rejected():
+    raw = _raw("tiny-family")
+    raw["models"][0]["sorce"] = "x"
+    with pytest.raises(ConfigError, match=r"models\.0\.sorce"):
+        parse_release_config(raw)
+
+
+def test_version_is_required():
+    raw = _raw("tiny-family")
+    del raw["version"]
+    with pytest.raises(ConfigError, match="version"):
+        parse_release_config(raw)
+
+
+def test_bad_repo_and_source_are_rejected():
+    raw = _raw("tiny-family")
+    raw["models"][0]["repo"] = "no-slash"
+    with pytest.raises(ConfigError, match="org/name"):
+        parse_release_config(raw)
+    raw = _raw("tiny-family")
+    raw["models"][0]["source"] = "ftp://x/y"
+    with pytest.raises(ConfigError, match="source"):
+        parse_release_config(raw)
+
+
+def test_duplicate_model_names_are_rejected():
+    raw = _raw("tiny-family")
+    raw["models"].append(dict(raw["models"][0]))
+    with pytest.raises(ConfigError, match="unique"):
+        parse_release_config(raw)
+
+
+def test_select_restricts_models_and_recipes():
+    cfg = load_release_config(builtin_config_path("tiny-family"))
+    sub = cfg.select(models=["31B", "26B-A4B"], recipes=["q4_0"])
+    assert [m.name for m in sub.models] == ["31B", "26B-A4B"]
+    assert sub.recipes_for(sub.models[0]) == ("q4_0",)
+    with pytest.raises(ConfigError, match="not in family"):
+        cfg.select(models=["7B"])
+
+
+def test_missing_file_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_release_config(tmp_path / "nope.yaml")
