@@ -129,7 +129,7 @@ def test_shape_disagrees_with_config(ckpt):
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["num_attention_heads"] = 2
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"q_proj.weight.*disagrees with config.json"):
+    with pytest.raises(CheckpointError, match=r"self_attn\.[qo]_proj\.weight.*disagrees with config.json"):
         plan_conversion(ckpt, recipe="bf16")
 
 

@@ -62,10 +62,11 @@ VARIANTS: dict[str, dict] = {
                 intermediate_size=96, num_key_value_heads=2, attention_k_eq_v=True,
                 num_global_key_value_heads=1, enable_moe_block=True, num_experts=4, top_k_experts=2,
                 moe_intermediate_size=96),
-    # E2B-like: per-layer embeddings, KV-shared layers with double-wide MLPs
+    # E2B-like: per-layer embeddings, KV-shared layers with double-wide MLPs; as in E2B the
+    # last non-shared layer is full and the one before it sliding (llama.cpp reuses those two)
     "ple": dict(num_hidden_layers=6, layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
                 intermediate_size=192, num_key_value_heads=1, hidden_size_per_layer_input=16,
-                num_kv_shared_layers=2, use_double_wide_mlp=True),
+                num_kv_shared_layers=3, use_double_wide_mlp=True),
     # a transformers-5.24 config whose global head size equals head_dim
     "same_hd": dict(num_hidden_layers=4, layer_types=["sliding_attention"] * 3 + ["full_attention"],
                     intermediate_size=128, num_key_value_heads=2, global_head_dim=32),

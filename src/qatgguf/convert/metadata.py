@@ -53,39 +53,40 @@ class TextGeometry:
     n_kv_shared: int
 
 
-def _plc(tc: Any, i: int) -> dict[str, Any]:
-    plc = getattr(tc, "per_layer_config", None) or {}
-    return plc.get(i) or plc.get(str(i)) or {}
+def _layer_value(tc: Any, hp: dict[str, Any], i: int, key: str) -> int:
+    plc = getattr(tc, "per_layer_config", None)
+    if plc is not None:
+        return int(getattr(plc[i], key))
+    return int(hp[key])
 
 
-def text_geometry(tc: Any, family: str) -> TextGeometry:
-    """Per-layer geometry from a transformers text config object.
+def text_geometry(tc: Any, hp: dict[str, Any], family: str) -> TextGeometry:
+    """Per-layer geometry from a transformers text config object and its dict.
 
     transformers 5.24 keeps the global-layer head size in `per_layer_config` and omits it
     when it equals `head_dim`; older configs carry `global_head_dim`, which the config class
-    turns into `per_layer_config` on load. Reading the per-layer entry with `head_dim` as the
-    fallback covers both, including the equal case llama.cpp's converter cannot read.
+    turns into `per_layer_config` on load. Reading each layer's own config covers both,
+    including the equal case llama.cpp's converter cannot read.
     """
-    n = int(tc.num_hidden_layers)
-    types = tuple(getattr(tc, "layer_types", None) or ["full_attention"] * n)
-    hd = int(tc.head_dim)
-    kv = int(tc.num_key_value_heads)
-    head_dim = tuple(int(_plc(tc, i).get("head_dim", hd)) for i in range(n))
-    n_kv = tuple(int(_plc(tc, i).get("num_key_value_heads", kv)) for i in range(n))
-    kv_override = any("num_key_value_heads" in _plc(tc, i) for i in range(n)
-                      if types[i] == "full_attention")
-    shared = int(getattr(tc, "num_kv_shared_layers", 0) or 0)
-    ff = int(tc.intermediate_size)
-    double = bool(getattr(tc, "use_double_wide_mlp", False))
+    n = int(hp["num_hidden_layers"])
+    types = tuple(hp.get("layer_types") or ["full_attention"] * n)
+    head_dim = tuple(_layer_value(tc, hp, i, "head_dim") for i in range(n))
+    n_kv = tuple(_layer_value(tc, hp, i, "num_key_value_heads") for i in range(n))
+    plc_d = hp.get("per_layer_config") or {}
+    kv_override = any("num_key_value_heads" in (plc_d.get(str(i)) or plc_d.get(i) or {})
+                      for i in range(n) if types[i] == "full_attention")
+    shared = int(hp.get("num_kv_shared_layers") or 0)
+    ff = int(hp["intermediate_size"])
+    double = bool(hp.get("use_double_wide_mlp", False))
     n_ff = tuple(ff * 2 if double and i >= n - shared else ff for i in range(n))
-    ple = int(getattr(tc, "hidden_size_per_layer_input", 0) or 0)
+    ple = int(hp.get("hidden_size_per_layer_input") or 0)
     return TextGeometry(
-        n_layer=n, hidden=int(tc.hidden_size), vocab=int(tc.vocab_size),
-        n_head=int(tc.num_attention_heads), layer_types=types, head_dim=head_dim, n_kv=n_kv,
+        n_layer=n, hidden=int(hp["hidden_size"]), vocab=int(hp["vocab_size"]),
+        n_head=int(hp["num_attention_heads"]), layer_types=types, head_dim=head_dim, n_kv=n_kv,
         kv_override=kv_override, n_ff=n_ff, ple_dim=ple,
-        ple_vocab=int(getattr(tc, "vocab_size_per_layer_input", 0) or tc.vocab_size),
-        n_expert=int(getattr(tc, "num_experts", 0) or 0),
-        expert_ff=int(getattr(tc, "moe_intermediate_size", 0) or 0),
+        ple_vocab=int(hp.get("vocab_size_per_layer_input") or hp["vocab_size"]),
+        n_expert=int(hp.get("num_experts") or 0),
+        expert_ff=int(hp.get("moe_intermediate_size") or 0),
         n_kv_shared=shared,
     )
 

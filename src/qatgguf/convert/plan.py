@@ -185,7 +185,7 @@ def plan_conversion(src: Path | str, *, recipe: Recipe | str) -> ConversionPlan:
     rec = load_recipe(recipe) if isinstance(recipe, str) else recipe
     files, weight_map = _shard_files(src)
     hparams, tc = load_hparams(src)
-    geo = text_geometry(tc, spec.family)
+    geo = text_geometry(tc, hparams, spec.family)
     first_shared = geo.n_layer - geo.n_kv_shared
     keep_rows = vocab_rows(src)
 
