@@ -53,6 +53,8 @@ def test_same_file_as_llama_cpp_converter(vendored_llama_cpp, make_ckpt, tmp_pat
     for name, (qt, shape, data) in ref_t.items():
         assert our_t[name][:2] == (qt, shape), name
         assert our_t[name][2] == data, f"{name}: bytes differ"
+    # beyond the requirement: same KV order, same tensor order, so the very same file
+    assert ours_path.read_bytes() == ref_path.read_bytes()
     if outtype == "bf16":
         import llama_cpp
 
@@ -65,6 +67,21 @@ def test_same_file_as_llama_cpp_converter(vendored_llama_cpp, make_ckpt, tmp_pat
             logits.append(np.array(llm.scores[: llm.n_tokens], dtype=np.float32))
             del llm
         assert np.array_equal(logits[0], logits[1])
+
+
+def test_split_files_equal_llama_cpp_converter(vendored_llama_cpp, make_ckpt, tmp_path):
+    ckpt = make_ckpt("dense")
+    ref_dir, our_dir = tmp_path / "ref", tmp_path / "ours"
+    ref_dir.mkdir()
+    res = subprocess.run([sys.executable, str(vendored_llama_cpp / "convert_hf_to_gguf.py"), str(ckpt),
+                          "--outtype", "bf16", "--outfile", str(ref_dir / "m.gguf"), "--split-max-size", "300K"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ours = convert(ckpt, our_dir / "m.gguf", recipe="bf16", split_max_size=300_000)
+    refs = sorted(ref_dir.glob("*.gguf"))
+    assert [p.name for p in ours] == [p.name for p in refs] and len(refs) > 2
+    for a, b in zip(ours, refs):
+        assert a.read_bytes() == b.read_bytes(), a.name
 
 
 def tiny_ids(ckpt):

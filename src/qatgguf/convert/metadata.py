@@ -265,9 +265,9 @@ def build_metadata(*, src: Path, spec: ArchSpec, hparams: dict[str, Any], geomet
                    file_type: int, tensors: Sequence[tuple[str, Sequence[int]]],
                    unified: bool) -> list[KV]:
     """The ordered KV list of the text GGUF (no split.* keys)."""
-    w = gguf.GGUFWriter(path=None, arch=spec.gguf_arch)
     # gguf-py logs every overwritten key; llama.cpp's converter overwrites on purpose
     logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)
+    w = gguf.GGUFWriter(path=None, arch=spec.gguf_arch)
     total, shared, expert, count = param_counts(tensors)
     meta = gguf.Metadata.load(None, src, None, total)
     gen = src / "generation_config.json"
