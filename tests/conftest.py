@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Real services on 127.0.0.1: an S3-compatible server (moto) and a Hub-compatible server.
+pytest_plugins = ["servers.s3", "servers.fakehub"]
+
 
 def _cache_root() -> Path:
     return Path(os.environ.get("QATGGUF_CACHE", Path.home() / ".cache" / "qatgguf"))

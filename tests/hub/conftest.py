@@ -1,5 +1,4 @@
-"""Hub tests use the fake Hub plugin; re-exported here until the root conftest lists
-`servers.fakehub` in `pytest_plugins`."""
+"""Hub test files: small real GGUFs to publish.
 
 from __future__ import annotations
 
@@ -8,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFWriter
-from servers.fakehub import fake_hub  # noqa: F401
 
 
 def write_tiny_gguf(path: Path, *, arch: str, seed: int, n: int = 4096) -> Path:
