@@ -1,4 +1,4 @@
-"""Hub test files: small real GGUFs to publish.
+"""Hub test files: small real GGUFs to publish."""
 
 from __future__ import annotations
 
