@@ -133,3 +133,15 @@ def roundf(x: float) -> float:
         else:
             t = t - _ONE
     return t
+
+
+# Branch-free min/max: a select, as C's MIN/MAX macros compile; numba's builtin min/max
+# on integers branches, which mispredicts on data-dependent clamps.
+@njit(cache=True, nogil=True, inline="always")
+def imin(a: int, b: int) -> int:
+    return a if a < b else b
+
+
+@njit(cache=True, nogil=True, inline="always")
+def imax(a: int, b: int) -> int:
+    return a if a > b else b

@@ -13,7 +13,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
-from qatgguf.quant._fp import F32, fp16_to_fp32, fp32_to_fp16, nearest_int
+from qatgguf.quant._fp import F32, fp16_to_fp32, fp32_to_fp16, imax, imin, nearest_int
 from qatgguf.quant.registry import BlockQuant
 
 _GROUP_MAX_EPS = F32(1e-15)  # ref: ggml-quants.c GROUP_MAX_EPS
@@ -21,13 +21,13 @@ _ZERO = F32(0.0)
 _ONE = F32(1.0)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _put_f16(out: np.ndarray, o: int, h: int) -> None:
     out[o] = h & 0xFF
     out[o + 1] = (h >> 8) & 0xFF
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _get_f16(data: np.ndarray, o: int) -> float:
     return fp16_to_fp32(np.uint16(data[o]) | (np.uint16(data[o + 1]) << np.uint16(8)))
 
@@ -69,7 +69,7 @@ def _make_qkx2_quants(
     best_error = _ZERO
     for i in range(n):
         v = x[xo + i]
-        li = max(0, min(nmax, nearest_int(iscale * (v - mn))))
+        li = imax(0, imin(nmax, nearest_int(iscale * (v - mn))))
         L[lo + i] = li
         diff = scale * F32(li) + mn - v
         diff = abs(diff) if use_mad else diff * diff
@@ -83,7 +83,7 @@ def _make_qkx2_quants(
         sum_xl = _ZERO
         for i in range(n):
             v = x[xo + i]
-            li = max(0, min(nmax, nearest_int(iscale * (v - mn))))
+            li = imax(0, imin(nmax, nearest_int(iscale * (v - mn))))
             laux[i] = li
             fl = F32(li)
             sum_l += w[i] * fl
@@ -110,7 +110,7 @@ def _make_qkx2_quants(
     return scale, -mn
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _get_scale_min_k4(j: int, s: np.ndarray, so: int) -> tuple[int, int]:
     # ref: ggml-quants.c get_scale_min_k4
     if j < 4:
@@ -120,7 +120,7 @@ def _get_scale_min_k4(j: int, s: np.ndarray, so: int) -> tuple[int, int]:
     )
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _pack_scales_k4(out: np.ndarray, so: int, j: int, ls: int, lm: int) -> None:
     if j < 4:
         out[so + j] = ls
@@ -179,8 +179,8 @@ def _qkx_quantize(
         for k in range(12):
             out[o + 4 + k] = 0
         for j in range(8):
-            ls = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
-            lm = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+            ls = imin(63, nearest_int(inv_scale * scales[j]) & 0xFF)
+            lm = imin(63, nearest_int(inv_min * mins[j]) & 0xFF)
             _pack_scales_k4(out, o + 4, j, ls, lm)
         _put_f16(out, o, fp32_to_fp16(max_scale / F32(63.0)))
         _put_f16(out, o + 2, fp32_to_fp16(max_min / F32(63.0)))
@@ -194,7 +194,7 @@ def _qkx_quantize(
             dm = dmin * F32(m)
             for k in range(32):
                 li = nearest_int((x[xb + 32 * j + k] + dm) / d)
-                L[32 * j + k] = max(0, min(nmax, li))
+                L[32 * j + k] = imax(0, imin(nmax, li))
         if nmax == 15:
             q = o + 16
             for j in range(0, 256, 64):
@@ -333,7 +333,7 @@ def _make_qx_quants_rmse1(
     suml2 = _ZERO
     for i in range(n):
         v = x[xo + i]
-        li = max(-nmax, min(nmax - 1, nearest_int(iscale * v)))
+        li = imax(-nmax, imin(nmax - 1, nearest_int(iscale * v)))
         L[lo + i] = li + nmax
         w = v * v
         fl = F32(li)
@@ -349,7 +349,7 @@ def _make_qx_quants_rmse1(
         suml2 = _ZERO
         for i in range(n):
             v = x[xo + i]
-            li = max(-nmax, min(nmax - 1, nearest_int(iscale * v)))
+            li = imax(-nmax, imin(nmax - 1, nearest_int(iscale * v)))
             w = v * v
             fl = F32(li)
             sumlx += w * v * fl
@@ -357,7 +357,7 @@ def _make_qx_quants_rmse1(
         if suml2 > _ZERO and sumlx * sumlx > best * suml2:
             for i in range(n):
                 li = nearest_int(iscale * x[xo + i])
-                L[lo + i] = nmax + max(-nmax, min(nmax - 1, li))
+                L[lo + i] = nmax + imax(-nmax, imin(nmax - 1, li))
             scale = sumlx / suml2
             best = scale * sumlx
     return scale
@@ -387,7 +387,7 @@ def _q6_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
         iscale = F32(-128.0) / max_scale
         _put_f16(out, o + 208, fp32_to_fp16(_ONE / iscale))
         for ib in range(16):
-            out[o + 192 + ib] = min(127, nearest_int(iscale * scales[ib])) & 0xFF
+            out[o + 192 + ib] = imin(127, nearest_int(iscale * scales[ib])) & 0xFF
         dd = _get_f16(out, o + 208)
         for j in range(16):
             d = dd * F32(np.int8(out[o + 192 + j]))
@@ -395,7 +395,7 @@ def _q6_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
                 continue
             for k in range(16):
                 li = nearest_int(x[xb + 16 * j + k] / d)
-                L[16 * j + k] = max(-32, min(31, li)) + 32
+                L[16 * j + k] = imax(-32, imin(31, li)) + 32
         ql = o
         qh = o + 128
         for j in range(0, 256, 128):
@@ -503,7 +503,7 @@ def _q2_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
             dm = dmin * F32(out[o + j] >> 4)
             for k in range(16):
                 li = nearest_int((x[xb + 16 * j + k] + dm) / d)
-                L[16 * j + k] = max(0, min(3, li))
+                L[16 * j + k] = imax(0, imin(3, li))
         for j in range(0, 256, 128):
             for k in range(32):
                 out[o + 16 + j // 4 + k] = (
@@ -572,7 +572,7 @@ def _make_q3_quants_rmse(
     suml2 = _ZERO
     for i in range(n):
         v = x[xo + i]
-        li = max(-nmax, min(nmax - 1, nearest_int(iscale * v)))
+        li = imax(-nmax, imin(nmax - 1, nearest_int(iscale * v)))
         L[lo + i] = li
         w = v * v
         fl = F32(li)
@@ -587,7 +587,7 @@ def _make_q3_quants_rmse(
             slx = sumlx - w * v * fli
             if slx > _ZERO:
                 sl2 = suml2 - w * fli * fli
-                new_l = max(-nmax, min(nmax - 1, nearest_int(v * sl2 / slx)))
+                new_l = imax(-nmax, imin(nmax - 1, nearest_int(v * sl2 / slx)))
                 if new_l != L[lo + i]:
                     fnl = F32(new_l)
                     slx += w * v * fnl
@@ -604,7 +604,7 @@ def _make_q3_quants_rmse(
     return sumlx / suml2 if suml2 > _ZERO else _ZERO
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _q3_scale(s: np.ndarray, so: int, j: int) -> int:
     # 6-bit signed sub-block scale: low 4 bits in scales[0..7], high 2 bits in scales[8..11]
     if j < 8:
@@ -639,7 +639,7 @@ def _q3_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
             iscale = F32(-32.0) / max_scale
             for j in range(16):
                 li = np.int32(np.int8(nearest_int(iscale * scales[j]) & 0xFF))
-                li = max(-32, min(31, li)) + 32
+                li = imax(-32, imin(31, li)) + 32
                 if j < 8:
                     out[so + j] = li & 0xF
                 else:
@@ -657,7 +657,7 @@ def _q3_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
                 continue
             for k in range(16):
                 li = nearest_int(x[xb + 16 * j + k] / d)
-                L[16 * j + k] = max(-4, min(3, li)) + 4
+                L[16 * j + k] = imax(-4, imin(3, li)) + 4
         for k in range(32):
             out[o + k] = 0
         m = 0

@@ -15,20 +15,20 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
-from qatgguf.quant._fp import F32, cvtt_i32, fp16_to_fp32, fp32_to_fp16, roundf, to_i8
+from qatgguf.quant._fp import F32, cvtt_i32, fp16_to_fp32, fp32_to_fp16, imin, roundf, to_i8
 from qatgguf.quant.registry import BlockQuant
 
 _F32_MAX = F32(np.finfo(np.float32).max)
 _INF = F32(np.inf)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _put_f16(out: np.ndarray, o: int, h: int) -> None:
     out[o] = h & 0xFF
     out[o + 1] = (h >> 8) & 0xFF
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _get_f16(data: np.ndarray, o: int) -> float:
     return fp16_to_fp32(np.uint16(data[o]) | (np.uint16(data[o + 1]) << np.uint16(8)))
 
@@ -36,11 +36,10 @@ def _get_f16(data: np.ndarray, o: int) -> float:
 # ---------------------------------------------------------------- Q4_0
 
 
-@njit(cache=True, nogil=True)
-def _q4_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
-    # ref: ggml-quants.c quantize_row_q4_0_ref
-    nb = x.size // 32
-    for i in range(nb):
+@njit(cache=True, nogil=True, error_model="numpy")
+def _q4_0_blocks(x: np.ndarray, out: np.ndarray, i0: int, i1: int) -> None:
+    # ref: ggml-quants.c quantize_row_q4_0_ref (blocks i0..i1-1)
+    for i in range(i0, i1):
         b = i * 32
         amax = F32(0.0)
         mx = F32(0.0)
@@ -52,18 +51,25 @@ def _q4_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
         d = mx / F32(-8.0)
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         o = i * 18
-        _put_f16(out, o, fp32_to_fp16(d))
+        h = fp32_to_fp16(d)
+        out[o] = np.uint8(h & 0xFF)
+        out[o + 1] = np.uint8(h >> 8)
         if abs(inv) < _INF:
             for j in range(16):
                 # x*id lies in [-8, 8] here, so the int8 cast is a plain floor of x*id + 8.5
-                xi0 = min(15, np.int32(x[b + j] * inv + F32(8.5)))
-                xi1 = min(15, np.int32(x[b + 16 + j] * inv + F32(8.5)))
-                out[o + 2 + j] = xi0 | (xi1 << 4)
+                xi0 = imin(np.int32(15), np.int32(x[b + j] * inv + F32(8.5)))
+                xi1 = imin(np.int32(15), np.int32(x[b + 16 + j] * inv + F32(8.5)))
+                out[o + 2 + j] = np.uint8(xi0 | (xi1 << np.int32(4)))
         else:
             for j in range(16):
                 xi0 = min(15, to_i8(cvtt_i32(x[b + j] * inv + F32(8.5)))) & 0xFF
                 xi1 = min(15, to_i8(cvtt_i32(x[b + 16 + j] * inv + F32(8.5)))) & 0xFF
                 out[o + 2 + j] = (xi0 | (xi1 << 4)) & 0xFF
+
+
+@njit(cache=True, nogil=True)
+def _q4_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
+    _q4_0_blocks(x, out, 0, x.size // 32)
 
 
 @njit(cache=True, nogil=True)
@@ -171,7 +177,7 @@ def _q5_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
             out[o + 2 + k] = (qh >> np.uint32(8 * k)) & np.uint32(0xFF)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _get_u32(data: np.ndarray, o: int) -> int:
     return (
         np.uint32(data[o])
