@@ -1,7 +1,7 @@
 """A tiny trained Llama converted with llama.cpp's own converter, for evaluation tests.
 
-Built once per content hash under $QATGGUF_CACHE/eval-tiny (seconds to a minute): a
-sentencepiece tokenizer (vocab 2048) and a 2-layer LlamaForCausalLM trained briefly on
+Built by `python tests/evaluate/tiny_model.py OUT_DIR` (about a minute): a
+sentencepiece tokenizer (vocab 1024) and a 2-layer LlamaForCausalLM trained briefly on
 the shipped corpus, so its distributions are far from uniform; converted to BF16 by the
 vendored `convert_hf_to_gguf.py`; quantized to Q8_0 and Q4_0 by `llama_model_quantize`.
 """
@@ -16,14 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-VOCAB = 2048
-SPEC = {"hidden": 128, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 256, "steps": 120, "seq": 128,
-        "batch": 16, "seed": 0, "vocab": VOCAB, "version": 2}
+VOCAB = 1024
+SPEC = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 128, "steps": 200, "seq": 128,
+        "batch": 16, "seed": 0, "vocab": VOCAB, "version": 3}
 LLAMA_CPP_SRC = Path(os.environ.get("QATGGUF_LLAMA_CPP_SRC", "/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp"))
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("QATGGUF_CACHE", Path.home() / ".cache" / "qatgguf"))
 
 
 def _train(hf_dir: Path, text: str) -> None:
@@ -35,11 +31,12 @@ def _train(hf_dir: Path, text: str) -> None:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(hf_dir / "tokenizer"), vocab_size=VOCAB,
-        model_type="bpe", byte_fallback=True, character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2,
+        model_type="bpe", byte_fallback=True, character_coverage=0.98, unk_id=0, bos_id=1, eos_id=2,
         pad_id=-1, num_threads=2, minloglevel=2, max_sentence_length=100000,
     )
     sp = spm.SentencePieceProcessor(model_file=str(hf_dir / "tokenizer.model"))
-    ids = torch.tensor(sp.encode(text[: len(text) // 2]), dtype=torch.long)
+    # encode line by line: sentencepiece is slow on one very long input
+    ids = torch.tensor([t for ln in text[: len(text) // 2].splitlines() for t in sp.encode(ln)], dtype=torch.long)
     torch.manual_seed(SPEC["seed"])
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=SPEC["hidden"], intermediate_size=SPEC["ffn"],
                       num_hidden_layers=SPEC["layers"], num_attention_heads=SPEC["heads"],
@@ -73,13 +70,11 @@ def _quantize(src: Path, dst: Path, ftype: int) -> None:
     tmp.replace(dst)
 
 
-def build_tiny_ggufs(corpus: Path) -> dict[str, Path]:
-    """{'bf16', 'q8_0', 'q4_0'} -> GGUF paths of the tiny trained Llama (cached)."""
+def build_tiny_ggufs(corpus: Path, root: Path) -> dict[str, Path]:
+    """{'bf16', 'q8_0', 'q4_0'} -> GGUF paths of the tiny trained Llama under root."""
     import llama_cpp
 
     text = corpus.read_text(encoding="utf-8")
-    tag = hashlib.sha256(json.dumps(SPEC, sort_keys=True).encode() + hashlib.sha256(text.encode()).digest()).hexdigest()[:16]
-    root = cache_root() / "eval-tiny" / tag
     out = {"bf16": root / "tiny-bf16.gguf", "q8_0": root / "tiny-q8_0.gguf", "q4_0": root / "tiny-q4_0.gguf"}
     if all(p.is_file() for p in out.values()):
         return out
@@ -94,3 +89,10 @@ def build_tiny_ggufs(corpus: Path) -> dict[str, Path]:
     _quantize(out["bf16"], out["q8_0"], llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0)
     _quantize(out["bf16"], out["q4_0"], llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)
     return out
+
+
+if __name__ == "__main__":
+    from qatgguf.evaluate import default_corpus
+
+    for name, path in build_tiny_ggufs(default_corpus(), Path(sys.argv[1])).items():
+        print(name, path, path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
