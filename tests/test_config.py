@@ -77,3 +77,10 @@ def test_select_restricts_models_and_recipes():
 def test_missing_file_names_it(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_release_config(tmp_path / "nope.yaml")
+
+
+def test_unknown_recipe_is_rejected():
+    raw = _raw("tiny-family")
+    raw["recipes"] = ["q4_0", "q3_XYZ"]
+    with pytest.raises(ConfigError, match="q3_XYZ"):
+        parse_release_config(raw)

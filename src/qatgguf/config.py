@@ -107,6 +107,13 @@ class ReleaseConfig(_Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"model names must be unique; repeated: {sorted(dup)}")
+        from qatgguf.recipes import available_recipes
+
+        known = set(available_recipes())
+        wanted = {self.base_recipe, *self.recipes, *(r for m in self.models for r in (m.recipes or ()))}
+        unknown = sorted(wanted - known)
+        if unknown:
+            raise ValueError(f"unknown recipe(s) {unknown}; known: {sorted(known)}")
         return self
 
     def model(self, name: str) -> ModelConfig:
