@@ -39,17 +39,19 @@ from qatgguf.quant._fp import (
     bits_f32,
     f32_bits,
     fp16_to_fp32,
-    fp32_to_bf16,
     fp32_to_fp16,
+    imax,
+    imin,
     nearest_int,
 )
-from qatgguf.quant.legacy import _q4_0_quantize
-from qatgguf.quant.ternary import _tq2_0_quantize
+from qatgguf.quant.legacy import _q4_0_blocks
+from qatgguf.quant.ternary import _tq2_0_blocks
 
 _NO_CAND = 0xFFFF
 _RECIP = np.array([0.0] + [1.0 / k for k in range(1, 17)], dtype=np.float32)
 _WIDEN_LO = F32(1.0 - 2.0**-20)
 _WIDEN_HI = F32(1.0 + 2.0**-20)
+_F32_INF = F32(np.inf)
 BF16_PREFERENCE = 0.99  # share of grid blocks with a bf16 candidate that marks bf16 QAT scales
 
 # (block, bytes, lowest code, highest code, largest |k| tried, offset of d)
@@ -59,82 +61,124 @@ _FORMATS: dict[T, tuple[int, int, int, int, int, int]] = {
 }
 
 
-@njit(cache=True, nogil=True)
-def _recover_block(
-    x: np.ndarray, b: int, n: int, kmin: int, kmax: int, mtop: int, k: np.ndarray
-) -> tuple[int, int, int, int, int]:
-    """(m, sign, fp16 any-candidate, fp16 bf16-candidate, signed code of the max element).
+# hist slots: 0..32 = signed code of the max element + 16; 33 = grid blocks with an exact
+# fp16 scale; 34 = grid blocks with a bf16-valued exact scale
+_H_EXACT = 33
+_H_BF16 = 34
+_H_SIZE = 35
 
-    m = 0: no grid. sign = +1: d = +c, q = k - kmin; sign = -1: d = -c, q = -k - kmin.
-    The any-candidate is fp16(least-squares scale) | 0x10000 when no fp16 value is exact.
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _grid_blocks(
+    x: np.ndarray,
+    out: np.ndarray,
+    alt: np.ndarray,
+    hist: np.ndarray,
+    bs: int,
+    ts: int,
+    kmin: int,
+    kmax: int,
+    mtop: int,
+    doff: int,
+) -> None:
+    """Encode blocks with their grid, one pass, no temporaries beyond one block of codes.
+
+    Each grid block gets its codes and the fp16 scale closest to the least-squares one
+    (written now); `alt` keeps the signed bf16-valued alternative (`_NO_CAND`: none) that
+    `_apply_bf16` writes when the whole tensor turns out to have bf16 scales. Blocks
+    without a grid get the reference encoding and `alt = _NO_CAND`.
     """
-    amax = F32(0.0)
-    imax = 0
-    for i in range(n):
-        u = f32_bits(x[b + i])
-        if (u & np.uint32(0xFFFF)) != 0:  # not a bf16 value: not a bf16 QAT checkpoint
-            return 0, 0, 0, 0, 0
-        a = abs(x[b + i])
-        if a > amax:
-            amax = a
-            imax = i
-    if amax == F32(0.0):
-        return 0, 0, 0, 0, 0
-    for m in range(mtop, 0, -1):
-        s = amax / F32(m)
-        # grid weights sit within a bf16 half-ulp of an integer multiple of s, far from the
-        # .5 boundaries, so the reciprocal product gives the same k as a division
-        inv_s = F32(1.0) / s
-        kl = 0
-        kh = 0
+    xu = x.view(np.uint32)
+    nb = x.size // bs
+    k = np.empty(bs, np.int32)
+    for i in range(nb):
+        b = i * bs
+        o = i * ts
+        alt[i] = _NO_CAND
+        # per element: a bf16 value (low half zero), and the first largest magnitude
+        low = np.uint32(0)
+        amax = F32(0.0)
+        imx = 0
+        for j in range(bs):
+            u = xu[b + j]
+            low |= u
+            a = abs(x[b + j])
+            if a > amax:
+                amax = a
+                imx = j
+        found = (low & np.uint32(0xFFFF)) == 0 and amax > F32(0.0) and amax < _F32_INF
+        m = 0
+        sign = 0
         s_lo = F32(0.0)
-        s_hi = F32(np.inf)
-        sum_wk = F32(0.0)
-        sum_kk = F32(0.0)
-        ok = True
-        for i in range(n):
-            w = x[b + i]
-            ki = nearest_int(w * inv_s)
-            k[i] = ki
-            if w == F32(0.0):
-                continue
-            if ki == 0:
-                ok = False
+        s_hi = F32(0.0)
+        s_ls = F32(0.0)
+        if found:
+            for mm in range(mtop, 0, -1):
+                s = amax / F32(mm)
+                # grid weights sit within a bf16 half-ulp of an integer multiple of s, far
+                # from the .5 boundaries, so the reciprocal product gives the same k as a division
+                inv_s = F32(1.0) / s
+                bad = False
+                kl = 0
+                kh = 0
+                lo_max = F32(0.0)
+                hi_min = _F32_INF
+                for j in range(bs):
+                    w = x[b + j]
+                    ki = nearest_int(w * inv_s)
+                    k[j] = ki
+                    if w != F32(0.0):
+                        bad |= ki == 0
+                        kl = imin(kl, ki)
+                        kh = imax(kh, ki)
+                        # bf16 rounding interval of |w| (midpoints to the neighbours, exact in
+                        # f32) / |k|; a reciprocal product is within 2 ulps, far inside the
+                        # 2**-20 margin used below
+                        u = xu[b + j] & np.uint32(0x7FFFFFFF)
+                        r = _RECIP[imin(abs(ki), 16)]
+                        lo = bits_f32(np.uint32(u - np.uint32(0x8000))) * r
+                        hi = bits_f32(np.uint32(u + np.uint32(0x8000))) * r
+                        lo_max = lo if lo > lo_max else lo_max
+                        hi_min = hi if hi < hi_min else hi_min
+                if bad or lo_max > hi_min * _WIDEN_HI:
+                    continue
+                if kl >= kmin and kh <= kmax:
+                    sign = 1
+                elif -kh >= kmin and -kl <= kmax:
+                    sign = -1
+                else:
+                    continue
+                # sequential float32 sums, zero weights add nothing
+                sum_wk = F32(0.0)
+                sum_kk = 0
+                for j in range(bs):
+                    ak = abs(k[j])
+                    sum_wk += abs(x[b + j]) * F32(ak)
+                    sum_kk += ak * ak
+                s_ls = sum_wk / F32(sum_kk)
+                s_lo = lo_max
+                s_hi = hi_min
+                m = mm
                 break
-            kl = min(kl, ki)
-            kh = max(kh, ki)
-            ak = F32(abs(ki))
-            u = f32_bits(abs(w))
-            # bf16 rounding interval of |w| (midpoints to the neighbours, exact in f32) / |k|;
-            # a reciprocal product is within 2 ulps, far inside the 2**-20 margin used below
-            r = _RECIP[abs(ki)]
-            lo = bits_f32(np.uint32(u - np.uint32(0x8000))) * r
-            hi = bits_f32(np.uint32(u + np.uint32(0x8000))) * r
-            s_lo = max(s_lo, lo)
-            s_hi = min(s_hi, hi)
-            if s_lo > s_hi * _WIDEN_HI:
-                ok = False
-                break
-            sum_wk += abs(w) * ak
-            sum_kk += ak * ak
-        if not ok:
+        if m == 0:
+            if bs == 32:
+                _q4_0_blocks(x, out, i, i + 1)
+            else:
+                _tq2_0_blocks(x, out, i, i + 1)
             continue
-        if kl >= kmin and kh <= kmax:
-            sign = 1
-        elif -kh >= kmin and -kl <= kmax:
-            sign = -1
-        else:
-            continue
-        s_ls = sum_wk / sum_kk
+        # every fp16 value c in [s_lo, s_hi] (widened by the rounding margin) whose products
+        # bf16(c*|k_i|) give back every |w_i|; the closest to s_ls, and the closest bf16-valued
         lo_b = s_lo * _WIDEN_LO
         hi_b = s_hi * _WIDEN_HI
+        in_lo = s_lo * _WIDEN_HI
+        in_hi = s_hi * _WIDEN_LO
         h = np.int64(fp32_to_fp16(lo_b))
         if h > 1 and fp16_to_fp32(np.uint16(h)) > lo_b:
             h -= 1
         best_any = -1
-        best_any_dist = F32(np.inf)
+        best_any_dist = _F32_INF
         best_bf = -1
-        best_bf_dist = F32(np.inf)
+        best_bf_dist = _F32_INF
         for _ in range(64):
             if h >= 0x7C00:
                 break
@@ -145,15 +189,12 @@ def _recover_block(
                 # strictly inside every interval (beyond the rounding margin): exact without
                 # looking; near an end, check bf16(c*|k_i|) == |w_i| element by element
                 exact = True
-                inside = c > s_lo * _WIDEN_HI and c < s_hi * _WIDEN_LO
-                for i in range(0 if inside else n):
-                    w = x[b + i]
-                    if w == F32(0.0):
-                        continue
-                    v = c * F32(abs(k[i]))
-                    if fp32_to_bf16(v) != (f32_bits(abs(w)) >> np.uint32(16)):
-                        exact = False
-                        break
+                if not (c > in_lo and c < in_hi):
+                    for j in range(bs):
+                        u = xu[b + j] & np.uint32(0x7FFFFFFF)
+                        v = f32_bits(c * F32(abs(k[j])))
+                        r16 = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                        exact &= u == 0 or r16 == (u >> np.uint32(16))
                 if exact:
                     dist = abs(c - s_ls)
                     if dist < best_any_dist:
@@ -163,91 +204,47 @@ def _recover_block(
                         best_bf_dist = dist
                         best_bf = h
             h += 1
+        hs = 0x8000 if sign < 0 else 0
         if best_any < 0:
             hl = np.int64(fp32_to_fp16(s_ls))
             if hl == 0 or hl >= 0x7C00:
-                return 0, 0, 0, 0, 0  # scale outside fp16: the reference encoding it is
-            best_any = hl | 0x10000
-        if best_bf < 0:
-            best_bf = _NO_CAND
-        return m, sign, best_any, best_bf, k[imax]
-    return 0, 0, 0, 0, 0
-
-
-@njit(cache=True, nogil=True)
-def _grid_encode(
-    x: np.ndarray,
-    out: np.ndarray,
-    cand_any: np.ndarray,
-    cand_bf: np.ndarray,
-    neg: np.ndarray,
-    kcode: np.ndarray,
-    fmt: int,
-) -> None:
-    """Encode blocks; codes are final, the scale of each grid block is left for `_write_scales`.
-
-    cand_any bit 16 set: no exact fp16 scale; kcode: signed code of the max element, 0 = no grid.
-    fmt 0 = Q4_0, 1 = TQ2_0.
-    """
-    if fmt == 0:
-        bs, ts, kmin, kmax, mtop = 32, 18, -8, 7, 8
-    else:
-        bs, ts, kmin, kmax, mtop = 256, 66, -1, 2, 2
-    nb = x.size // bs
-    k = np.empty(bs, np.int64)
-    for i in range(nb):
-        b = i * bs
-        o = i * ts
-        m, sign, c_any, c_bf, kc = _recover_block(x, b, bs, kmin, kmax, mtop, k)
-        if m == 0:
-            kcode[i] = 0
-            cand_any[i] = 0
-            cand_bf[i] = _NO_CAND
-            neg[i] = 0
-            if fmt == 0:
-                _q4_0_quantize(x[b : b + bs], out[o : o + ts])
-            else:
-                _tq2_0_quantize(x[b : b + bs], out[o : o + ts])
-            continue
-        kcode[i] = kc
-        cand_any[i] = c_any
-        cand_bf[i] = c_bf
-        neg[i] = 1 if sign < 0 else 0
-        if fmt == 0:
+                # scale outside fp16: the reference encoding it is
+                if bs == 32:
+                    _q4_0_blocks(x, out, i, i + 1)
+                else:
+                    _tq2_0_blocks(x, out, i, i + 1)
+                continue
+            best_any = hl
+        else:
+            hist[_H_EXACT] += 1
+        if best_bf >= 0:
+            hist[_H_BF16] += 1
+            alt[i] = np.uint16(best_bf | hs)
+        hist[k[imx] + 16] += 1
+        hd = best_any | hs
+        out[o + doff] = np.uint8(hd & 0xFF)
+        out[o + doff + 1] = np.uint8(hd >> 8)
+        if bs == 32:
             for j in range(16):
                 q0 = sign * k[j] - kmin
                 q1 = sign * k[j + 16] - kmin
-                out[o + 2 + j] = q0 | (q1 << 4)
+                out[o + 2 + j] = np.uint8(q0 | (q1 << 4))
         else:
             for jj in range(2):
                 for mm in range(32):
                     q = 0
                     for nn in range(4):
                         q |= (sign * k[128 * jj + 32 * nn + mm] - kmin) << (2 * nn)
-                    out[o + 32 * jj + mm] = q
+                    out[o + 32 * jj + mm] = np.uint8(q)
 
 
 @njit(cache=True, nogil=True)
-def _write_scales(
-    out: np.ndarray,
-    cand_any: np.ndarray,
-    cand_bf: np.ndarray,
-    neg: np.ndarray,
-    kcode: np.ndarray,
-    ts: int,
-    doff: int,
-    prefer_bf: bool,
-) -> None:
-    for i in range(kcode.size):
-        if kcode[i] == 0:
-            continue
-        h = cand_any[i] & 0xFFFF
-        if prefer_bf and cand_bf[i] != _NO_CAND:
-            h = cand_bf[i]
-        if neg[i]:
-            h |= 0x8000
-        out[i * ts + doff] = h & 0xFF
-        out[i * ts + doff + 1] = (h >> 8) & 0xFF
+def _apply_bf16(out: np.ndarray, alt: np.ndarray, ts: int, doff: int) -> None:
+    for i in range(alt.size):
+        h = alt[i]
+        if h != _NO_CAND:
+            out[i * ts + doff] = np.uint8(h & 0xFF)
+            out[i * ts + doff + 1] = np.uint8(h >> 8)
 
 
 @dataclass
@@ -266,15 +263,14 @@ class GridStats:
     def fraction(self) -> float:
         return self.on_grid / self.blocks if self.blocks else 0.0
 
-    def add(self, kcode: np.ndarray, cand_any: np.ndarray, cand_bf: np.ndarray) -> None:
-        found = kcode != 0
-        self.blocks += int(kcode.size)
-        self.on_grid += int(found.sum())
-        self.exact_scale += int((found & (cand_any < 0x10000)).sum())
-        self.bf16_scale += int((found & (cand_bf != _NO_CAND)).sum())
-        codes, counts = np.unique(kcode[found], return_counts=True)
-        for c, cnt in zip(codes.tolist(), counts.tolist(), strict=True):
-            self.max_codes[int(c)] = self.max_codes.get(int(c), 0) + int(cnt)
+    def add(self, nblocks: int, hist: np.ndarray) -> None:
+        """Count one encoded chunk: `nblocks` blocks and the kernel's histogram."""
+        self.blocks += int(nblocks)
+        self.on_grid += int(hist[:_H_EXACT].sum())
+        self.exact_scale += int(hist[_H_EXACT])
+        self.bf16_scale += int(hist[_H_BF16])
+        for c in np.flatnonzero(hist[:_H_EXACT]).tolist():
+            self.max_codes[c - 16] = self.max_codes.get(c - 16, 0) + int(hist[c])
 
     def scale_rounding(self) -> str:
         """bf16, f16 or f32: the precision the QAT scales had, as far as the data shows."""
@@ -303,38 +299,29 @@ class GridEncoder:
             )
         self.qtype = qtype
         self.block, self.type_size, _, _, _, self.doff = _FORMATS[qtype]
-        self.fmt = 0 if qtype == T.Q4_0 else 1
+        _, _, self.kmin, self.kmax, self.mtop, _ = _FORMATS[qtype]
         self.stats = GridStats()
-        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._parts: list[tuple[int, np.ndarray]] = []  # (byte offset, bf16 alternatives)
+        self._pos = 0
 
     def encode(self, x: np.ndarray, out: np.ndarray) -> None:
         """Encode flat float32 blocks `x` into flat bytes `out` (consecutive chunks)."""
         nb = x.size // self.block
-        cand_any = np.empty(nb, np.int64)
-        cand_bf = np.empty(nb, np.int64)
-        neg = np.empty(nb, np.uint8)
-        kcode = np.empty(nb, np.int8)
-        _grid_encode(x, out, cand_any, cand_bf, neg, kcode, self.fmt)
-        self.stats.add(kcode, cand_any, cand_bf)
-        self._parts.append((cand_any.astype(np.uint32), cand_bf.astype(np.uint16), neg, kcode))
+        alt = np.empty(nb, np.uint16)
+        hist = np.zeros(_H_SIZE, np.int64)
+        _grid_blocks(
+            x, out, alt, hist, self.block, self.type_size, self.kmin, self.kmax, self.mtop, self.doff
+        )
+        self.stats.add(nb, hist)
+        if hist[_H_BF16]:
+            self._parts.append((self._pos, alt))
+        self._pos += nb * self.type_size
 
     def finish(self, out: np.ndarray) -> GridStats:
         """Write the scales of all grid blocks into `out` (the whole tensor, flat)."""
-        prefer_bf = self.stats.scale_rounding() == "bf16"
-        pos = 0
-        for cand_any, cand_bf, neg, kcode in self._parts:
-            nbytes = kcode.size * self.type_size
-            _write_scales(
-                out[pos : pos + nbytes],
-                cand_any.astype(np.int64),
-                cand_bf.astype(np.int64),
-                neg,
-                kcode,
-                self.type_size,
-                self.doff,
-                prefer_bf,
-            )
-            pos += nbytes
+        if self.stats.scale_rounding() == "bf16":
+            for pos, alt in self._parts:
+                _apply_bf16(out[pos : pos + alt.size * self.type_size], alt, self.type_size, self.doff)
         self._parts.clear()
         return self.stats
 

@@ -25,9 +25,9 @@ def _lroundf(v: float) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _tq2_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
-    nb = x.size // 256
-    for i in range(nb):
+def _tq2_0_blocks(x: np.ndarray, out: np.ndarray, i0: int, i1: int) -> None:
+    # ref: ggml-quants.c quantize_row_tq2_0_ref (blocks i0..i1-1)
+    for i in range(i0, i1):
         xb = i * 256
         o = i * 66
         amax = F32(0.0)
@@ -52,6 +52,11 @@ def _tq2_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
                         xi = _lroundf(v) + 1
                     q += (xi & 3) << (2 * n)
                 out[o + 32 * j + m] = q & 0xFF
+
+
+@njit(cache=True, nogil=True)
+def _tq2_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
+    _tq2_0_blocks(x, out, 0, x.size // 256)
 
 
 @njit(cache=True, nogil=True)
