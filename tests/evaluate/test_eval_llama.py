@@ -100,9 +100,10 @@ def test_base_records_are_reused_not_recomputed(tmp_path: Path) -> None:
     # another context is another key
     p3 = compute_base_records(BASE, default_corpus(), ctx=64, chunks=4, settings=s, workdir=tmp_path)
     assert p3 != p1
-    # the compact record is much smaller than llama.cpp's dense one
+    # this weak model's rows are flat (every log-prob above -16), so they are stored dense:
+    # never more than llama.cpp's file plus the per-row index (peaked rows: test_records_format)
     dense = export_llamacpp([p1], tmp_path / "base.kld")
-    assert p1.stat().st_size < dense.stat().st_size
+    assert p1.stat().st_size <= dense.stat().st_size + 4 * 63 * 24 + 4096
 
 
 def test_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:

@@ -50,9 +50,12 @@ _ROW_BLOCK = 64  # rows decoded at once: bounds memory at 262k vocab (64 x 26214
 
 def sha256_file(path: Path, *, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
+    try:
+        with open(path, "rb") as f:
+            while b := f.read(chunk):
+                h.update(b)
+    except OSError as exc:
+        raise EvaluationError(f"{path}: file not found or unreadable ({exc.strerror}); check the path") from exc
     return h.hexdigest()
 
 
