@@ -139,7 +139,7 @@ class BaseRecords:
         self.chunk_end = int(self.header["chunk_end"])
         self.n_scored = self.ctx - 1 - self.ctx // 2
         self.llamacpp = self.header.get("format") == "llama.cpp"
-        raw = np.memmap(self.path, dtype=np.uint8, mode="r")
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r").view(np.ndarray)  # plain views: cheap indexing
         n_chunks = self.chunk_end - self.chunk_start
         if self.llamacpp:
             ntok = self.ctx * n_chunks
