@@ -128,3 +128,55 @@ def reference_logits(ckpt: Path, ids: list[int]):
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def build_sp_tokenizer(out: Path, vocab_size: int = 1024) -> Path:
+    """A sentencepiece BPE tokenizer.model (Gemma 3 style: byte fallback, no dummy prefix)
+    plus the tokenizer.json transformers converts from it."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(Path(f).read_text(encoding="utf-8", errors="ignore")
+                     for f in sorted(glob.glob(str(Path(sysconfig.get_paths()["stdlib"]) / "*.py")))[:40])
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.splitlines()), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], split_digits=True,
+        allow_whitespace_only_pieces=True, minloglevel=2)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    tok = GemmaTokenizer.from_pretrained(out)  # converts tokenizer.model to tokenizer.json
+    tok.save_pretrained(out)
+    return out
+
+
+def build_gemma3(out: Path, tokenizer_dir: Path, *, seed: int = 0, shard: str = "150KB") -> Path:
+    import shutil
+
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    # llama.cpp fixes Gemma 3's layer pattern at 5 sliding + 1 full: six layers show both kinds
+    cfg = Gemma3TextConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=32,
+                           layer_types=["sliding_attention"] * 5 + ["full_attention"], query_pre_attn_scalar=32,
+                           max_position_embeddings=4096, initializer_range=0.02, pad_token_id=0, eos_token_id=1,
+                           bos_token_id=2, final_logit_softcapping=5.0)
+    cfg.architectures = ["Gemma3ForCausalLM"]
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.ndim == 1:  # Gemma 3 norms compute x * (1 + w): perturb w around 0
+                p.copy_(torch.rand(p.shape, generator=g) - 0.5)
+    model.to(torch.bfloat16).save_pretrained(out, max_shard_size=shard)
+    for f in tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    return out

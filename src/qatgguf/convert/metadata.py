@@ -251,9 +251,85 @@ def _add_vocab_gemma4(w: gguf.GGUFWriter, src: Path) -> None:
     w.add_add_bos_token(True)
 
 
-def vocab_rows(src: Path) -> int | None:
-    """Rows llama.cpp keeps of the embedding: vocab + added tokens of tokenizer.json
+def _looks_special(text: str) -> bool:
+    """ref: conversion/base.py TextModel.does_token_look_special."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
+            or (text.startswith("<unused") and text.endswith(">")))
+
+
+def sentencepiece_vocab(src: Path, vocab_size: int | None) -> tuple[list[bytes], list[float], list[int]]:
+    """Tokens, scores and types from tokenizer.model, padded to the model's vocab size.
+
+    ref: conversion/base.py TextModel._create_vocab_sentencepiece (token types are
+    gguf.TokenType values: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte)."""
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:
+        raise CheckpointError("reading tokenizer.model needs the `sentencepiece` package: "
+                              "pip install sentencepiece", file=str(src / "tokenizer.model")) from None
+    sp = SentencePieceProcessor()
+    sp.LoadFromFile(str(src / "tokenizer.model"))
+    n = vocab_size or sp.vocab_size()
+    tokens = [f"[PAD{i}]".encode() for i in range(n)]
+    scores = [-10000.0] * n
+    types = [5] * n
+    for i in range(min(n, sp.vocab_size())):
+        t = 1
+        if sp.IsUnknown(i):
+            t = 2
+        elif sp.IsControl(i):
+            t = 3
+        elif sp.IsUnused(i):
+            t = 5
+        elif sp.IsByte(i):
+            t = 6
+        tokens[i], scores[i], types[i] = sp.IdToPiece(i).encode("utf-8"), sp.GetScore(i), t
+    added = src / "added_tokens.json"
+    if added.is_file():
+        for key, i in json.loads(added.read_text(encoding="utf-8")).items():
+            if i < n:
+                tokens[i], scores[i], types[i] = key.encode("utf-8"), -1000.0, 4
+    tcfg = src / "tokenizer_config.json"
+    if tcfg.is_file():
+        for i, data in json.loads(tcfg.read_text(encoding="utf-8")).get("added_tokens_decoder", {}).items():
+            i = int(i)
+            if i >= n:
+                continue
+            text: str = data["content"]
+            if data.get("special") or _looks_special(text):
+                types[i] = 3
+            else:
+                text = text.replace("\u2581", " ")  # pre-normalize user-defined spaces
+                types[i] = 4
+            scores[i] = -1000.0
+            tokens[i] = text.encode("utf-8")
+    return tokens, scores, types
+
+
+def _add_vocab_gemma3(w: gguf.GGUFWriter, src: Path, hp: dict[str, Any]) -> None:
+    """ref: conversion/gemma.py Gemma3Model.set_vocab, base.py _set_vocab_sentencepiece."""
+    if not (src / "tokenizer.model").is_file():
+        raise CheckpointError("Gemma 3 conversion reads the sentencepiece tokenizer.model, which is "
+                              "missing; copy it from the original checkpoint", file=str(src / "tokenizer.model"))
+    n = hp.get("vocab_size_per_layer_input", hp.get("vocab_size"))
+    tokens, scores, types = sentencepiece_vocab(src, n)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    gguf.SpecialVocab(src, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+    w.add_add_space_prefix(False)
+
+
+def vocab_rows(src: Path, hp: dict[str, Any]) -> int | None:
+    """Rows llama.cpp keeps of the embedding: the sentencepiece vocab (padded to the config's
+    size) when tokenizer.model exists, else vocab + added tokens of tokenizer.json
     (ref: conversion/gemma.py Gemma3Model.modify_tensors)."""
+    if (src / "tokenizer.model").is_file():
+        return int(hp.get("vocab_size_per_layer_input", hp.get("vocab_size")))
     tj = src / "tokenizer.json"
     if not tj.is_file():
         return None
@@ -291,5 +367,5 @@ def build_metadata(*, src: Path, spec: ArchSpec, hparams: dict[str, Any], geomet
     if spec.family == "gemma4":
         _add_vocab_gemma4(w, src)
     else:
-        raise CheckpointError("Gemma 3 tokenizer export is not implemented yet", file=str(src))
+        _add_vocab_gemma3(w, src, hp)
     return collected_kvs(w)

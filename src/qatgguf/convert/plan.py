@@ -187,7 +187,7 @@ def plan_conversion(src: Path | str, *, recipe: Recipe | str) -> ConversionPlan:
     hparams, tc = load_hparams(src)
     geo = text_geometry(tc, hparams, spec.family)
     first_shared = geo.n_layer - geo.n_kv_shared
-    keep_rows = vocab_rows(src)
+    keep_rows = vocab_rows(src, hparams)
 
     headers: list[ShardHeader] = [read_header(src / f) for f in files]
     if weight_map is not None:
