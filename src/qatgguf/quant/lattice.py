@@ -140,6 +140,8 @@ def _grid_blocks(
                         hi = bits_f32(np.uint32(u + np.uint32(0x8000))) * r
                         lo_max = lo if lo > lo_max else lo_max
                         hi_min = hi if hi < hi_min else hi_min
+                        if bad or lo_max > hi_min * _WIDEN_HI:
+                            break  # off this grid already (the bounds only tighten)
                 if bad or lo_max > hi_min * _WIDEN_HI:
                     continue
                 if kl >= kmin and kh <= kmax:
@@ -193,7 +195,9 @@ def _grid_blocks(
                     for j in range(bs):
                         u = xu[b + j] & np.uint32(0x7FFFFFFF)
                         v = f32_bits(c * F32(abs(k[j])))
-                        r16 = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                        r16 = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> (
+                            np.uint32(16)
+                        )
                         exact &= u == 0 or r16 == (u >> np.uint32(16))
                 if exact:
                     dist = abs(c - s_ls)
