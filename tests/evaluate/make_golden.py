@@ -40,10 +40,34 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def kld_commands(tool: Path, base: Path, quant: Path, corpus: Path, kld_file: Path, *, ctx: int, chunks: int,
-                 batch: int, ubatch: int, flash_attn: str, threads: int) -> tuple[list[str], list[str]]:
-    common = common_args(ctx=ctx, batch=batch, ubatch=ubatch, flash_attn=flash_attn, threads=threads)
-    first = ["-m", str(base), "-f", str(corpus), "--chunks", str(chunks), *common, "--kl-divergence-base", str(kld_file)]
+def kld_commands(
+    tool: Path,
+    base: Path,
+    quant: Path,
+    corpus: Path,
+    kld_file: Path,
+    *,
+    ctx: int,
+    chunks: int,
+    batch: int,
+    ubatch: int,
+    flash_attn: str,
+    threads: int,
+) -> tuple[list[str], list[str]]:
+    common = common_args(
+        ctx=ctx, batch=batch, ubatch=ubatch, flash_attn=flash_attn, threads=threads
+    )
+    first = [
+        "-m",
+        str(base),
+        "-f",
+        str(corpus),
+        "--chunks",
+        str(chunks),
+        *common,
+        "--kl-divergence-base",
+        str(kld_file),
+    ]
     second = ["-m", str(quant), *common, "--kl-divergence-base", str(kld_file), "--kl-divergence"]
     return first, second
 
@@ -53,18 +77,43 @@ def record(tool: Path, name: str) -> dict:
     base, quant, corpus = MODELS / "tiny-bf16.gguf", MODELS / qfile, default_corpus()
     with tempfile.TemporaryDirectory() as tmp:
         kld = Path(tmp) / "base.kld"
-        a, b = kld_commands(tool, base, quant, corpus, kld, ctx=ctx, chunks=chunks, batch=batch, ubatch=ubatch,
-                            flash_attn=fa, threads=threads)
+        a, b = kld_commands(
+            tool,
+            base,
+            quant,
+            corpus,
+            kld,
+            ctx=ctx,
+            chunks=chunks,
+            batch=batch,
+            ubatch=ubatch,
+            flash_attn=fa,
+            threads=threads,
+        )
         run_tool(tool, a, must_contain="Final estimate")
         text = run_tool(tool, b, must_contain="Same top p:")
-    summary = text[text.index("====== Perplexity statistics"):]
-    rel = {str(base): "tests/evaluate/golden/models/tiny-bf16.gguf", str(quant): f"tests/evaluate/golden/models/{qfile}",
-           str(corpus): "src/qatgguf/data/corpus/default.txt", str(kld): "base.kld", str(tool): "llama-perplexity"}
+    summary = text[text.index("====== Perplexity statistics") :]
+    rel = {
+        str(base): "tests/evaluate/golden/models/tiny-bf16.gguf",
+        str(quant): f"tests/evaluate/golden/models/{qfile}",
+        str(corpus): "src/qatgguf/data/corpus/default.txt",
+        str(kld): "base.kld",
+        str(tool): "llama-perplexity",
+    }
     return {
         "case": name,
-        "commands": [" ".join(["llama-perplexity", *(rel.get(x, x) for x in args)]) for args in (a, b)],
+        "commands": [
+            " ".join(["llama-perplexity", *(rel.get(x, x) for x in args)]) for args in (a, b)
+        ],
         "llama_cpp_commit": LLAMA_CPP_COMMIT,
-        "settings": {"ctx": ctx, "chunks": chunks, "batch": batch, "ubatch": ubatch, "flash_attn": fa, "threads": threads},
+        "settings": {
+            "ctx": ctx,
+            "chunks": chunks,
+            "batch": batch,
+            "ubatch": ubatch,
+            "flash_attn": fa,
+            "threads": threads,
+        },
         "sha256": {"base": _sha(base), "quant": _sha(quant), "corpus": _sha(corpus)},
         "quant_file": qfile,
         "summary": parse_kld_summary(text),

@@ -34,7 +34,9 @@ BASE = MODELS / "tiny-bf16.gguf"
 
 def _settings(g: dict) -> RunnerSettings:
     s = g["settings"]
-    return RunnerSettings(n_batch=s["batch"], n_ubatch=s["ubatch"], flash_attn=s["flash_attn"], n_threads=s["threads"])
+    return RunnerSettings(
+        n_batch=s["batch"], n_ubatch=s["ubatch"], flash_attn=s["flash_attn"], n_threads=s["threads"]
+    )
 
 
 def assert_matches_tool(ours: dict, tool: dict) -> None:
@@ -56,11 +58,20 @@ def test_shipped_corpus_is_large_enough() -> None:
 def test_matches_recorded_llama_perplexity(golden: Path, tmp_path: Path) -> None:
     g = json.loads(golden.read_text(encoding="utf-8"))
     quant = MODELS / g["quant_file"]
-    r = evaluate(BASE, quant, default_corpus(), ctx=g["settings"]["ctx"], chunks=g["settings"]["chunks"],
-                 workdir=tmp_path, settings=_settings(g))
+    r = evaluate(
+        BASE,
+        quant,
+        default_corpus(),
+        ctx=g["settings"]["ctx"],
+        chunks=g["settings"]["chunks"],
+        workdir=tmp_path,
+        settings=_settings(g),
+    )
     ours = r.to_dict()
     assert ours["n_chunks"] == g["settings"]["chunks"]
-    assert ours["n_tokens"] == g["settings"]["chunks"] * (g["settings"]["ctx"] - 1 - g["settings"]["ctx"] // 2)
+    assert ours["n_tokens"] == g["settings"]["chunks"] * (
+        g["settings"]["ctx"] - 1 - g["settings"]["ctx"] // 2
+    )
     assert_matches_tool(ours, g["summary"])
     # the rest of the summary agrees too, at the precision the tool prints
     for k in ("kld_max", "kld_99", "kld_median", "kld_min"):
@@ -69,8 +80,15 @@ def test_matches_recorded_llama_perplexity(golden: Path, tmp_path: Path) -> None
 
 
 def test_same_quant_file_gives_zero_kld(tmp_path: Path) -> None:
-    r = evaluate(BASE, BASE, default_corpus(), ctx=128, chunks=4, workdir=tmp_path,
-                 settings=RunnerSettings(n_batch=512, flash_attn="off", n_threads=2))
+    r = evaluate(
+        BASE,
+        BASE,
+        default_corpus(),
+        ctx=128,
+        chunks=4,
+        workdir=tmp_path,
+        settings=RunnerSettings(n_batch=512, flash_attn="off", n_threads=2),
+    )
     assert r.mean_kld < 1e-4 and r.same_top_p > 0.99
     assert r.ppl_ratio == pytest.approx(1.0, abs=1e-3)
 
@@ -81,8 +99,12 @@ def test_two_workers_give_the_numbers_of_one(tmp_path: Path) -> None:
     whole = evaluate(BASE, quant, corpus, ctx=128, chunks=10, workdir=tmp_path / "one", settings=s)
     ranges = plan_chunk_ranges(10, n_parts=2, n_seq=s.n_seq(128))
     assert len(ranges) == 2 and ranges[1][0] % 2 == 0
-    recs = [compute_base_records(BASE, corpus, ctx=128, chunks=10, chunk_range=r, settings=s, workdir=tmp_path / "two")
-            for r in ranges]
+    recs = [
+        compute_base_records(
+            BASE, corpus, ctx=128, chunks=10, chunk_range=r, settings=s, workdir=tmp_path / "two"
+        )
+        for r in ranges
+    ]
     parts = [evaluate_chunks(quant, rec, chunk_range=r) for rec, r in zip(recs, ranges)]
     assert merge(parts).to_dict() == whole.to_dict()
     # a range may also read several record files
@@ -91,14 +113,24 @@ def test_two_workers_give_the_numbers_of_one(tmp_path: Path) -> None:
 
 def test_base_records_are_reused_not_recomputed(tmp_path: Path) -> None:
     s = RunnerSettings(n_batch=512, flash_attn="off", n_threads=2)
-    p1 = compute_base_records(BASE, default_corpus(), ctx=128, chunks=4, settings=s, workdir=tmp_path)
+    p1 = compute_base_records(
+        BASE, default_corpus(), ctx=128, chunks=4, settings=s, workdir=tmp_path
+    )
     m1 = p1.stat().st_mtime_ns
-    p2 = compute_base_records(BASE, default_corpus(), ctx=128, chunks=4, settings=s, workdir=tmp_path)
+    p2 = compute_base_records(
+        BASE, default_corpus(), ctx=128, chunks=4, settings=s, workdir=tmp_path
+    )
     assert p1 == p2 and p2.stat().st_mtime_ns == m1
     key = BaseRecords(p1).key
-    assert key["ctx"] == 128 and key["settings"]["flash_attn"] == "off" and len(key["base_sha256"]) == 64
+    assert (
+        key["ctx"] == 128
+        and key["settings"]["flash_attn"] == "off"
+        and len(key["base_sha256"]) == 64
+    )
     # another context is another key
-    p3 = compute_base_records(BASE, default_corpus(), ctx=64, chunks=4, settings=s, workdir=tmp_path)
+    p3 = compute_base_records(
+        BASE, default_corpus(), ctx=64, chunks=4, settings=s, workdir=tmp_path
+    )
     assert p3 != p1
     # this weak model's rows are flat (every log-prob above -16), so they are stored dense:
     # never more than llama.cpp's file plus the per-row index (peaked rows: test_records_format)
@@ -109,7 +141,9 @@ def test_base_records_are_reused_not_recomputed(tmp_path: Path) -> None:
 def test_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
     short = tmp_path / "short.txt"
     short.write_text("just a few words\n", encoding="utf-8")
-    with pytest.raises(EvaluationError, match=r"short\.txt: tokenizes to only \d+ tokens.*needs at least 256"):
+    with pytest.raises(
+        EvaluationError, match=r"short\.txt: tokenizes to only \d+ tokens.*needs at least 256"
+    ):
         evaluate(BASE, BASE, short, ctx=128)
     with pytest.raises(EvaluationError, match="multiple"):
         RunnerSettings(n_batch=300).n_seq(128)
@@ -120,12 +154,42 @@ def test_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
 def test_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from qatgguf.cli import main
 
-    rc = main(["eval", "--base", str(BASE), "--quant", str(MODELS / "tiny-q8_0.gguf"), "--ctx", "128",
-               "--chunks", "3", "--batch", "384", "--flash-attn", "off", "--threads", "2", "--json"])
+    rc = main(
+        [
+            "eval",
+            "--base",
+            str(BASE),
+            "--quant",
+            str(MODELS / "tiny-q8_0.gguf"),
+            "--ctx",
+            "128",
+            "--chunks",
+            "3",
+            "--batch",
+            "384",
+            "--flash-attn",
+            "off",
+            "--threads",
+            "2",
+            "--json",
+        ]
+    )
     assert rc == 0
     d = json.loads(capsys.readouterr().out)
     assert d["n_chunks"] == 3 and d["n_tokens"] == 3 * 63 and 0 < d["mean_kld"] < 0.1
-    rc = main(["eval", "--base", str(BASE), "--quant", str(MODELS / "tiny-q8_0.gguf"), "--ctx", "128", "--chunks", "3"])
+    rc = main(
+        [
+            "eval",
+            "--base",
+            str(BASE),
+            "--quant",
+            str(MODELS / "tiny-q8_0.gguf"),
+            "--ctx",
+            "128",
+            "--chunks",
+            "3",
+        ]
+    )
     assert rc == 0 and "Same top p:" in capsys.readouterr().out
 
 
@@ -138,7 +202,7 @@ def _tool() -> Path | None:
     return tool
 
 
-def _make_golden():  # noqa: ANN202 - the recorder module, loaded by path (tests/ is not a package)
+def _make_golden():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_golden", HERE / "make_golden.py")
@@ -151,7 +215,9 @@ def _make_golden():  # noqa: ANN202 - the recorder module, loaded by path (tests
 def tool() -> Path:
     t = _tool()
     if t is None:
-        pytest.skip("llama-perplexity not built: run with QATGGUF_BUILD_LLAMA_TOOLS=1 or set QATGGUF_LLAMA_PERPLEXITY")
+        pytest.skip(
+            "llama-perplexity not built: run with QATGGUF_BUILD_LLAMA_TOOLS=1 or set QATGGUF_LLAMA_PERPLEXITY"
+        )
     return t
 
 
@@ -162,8 +228,15 @@ def test_fresh_llama_perplexity_run_agrees(tool: Path, tmp_path: Path) -> None:
     fresh = mg.record(tool, name)
     g = json.loads((HERE / "golden" / f"kld-{name}.json").read_text(encoding="utf-8"))
     assert fresh["summary"] == g["summary"]  # the tool itself is deterministic here
-    r = evaluate(BASE, MODELS / g["quant_file"], default_corpus(), ctx=128, chunks=32, workdir=tmp_path,
-                 settings=_settings(g))
+    r = evaluate(
+        BASE,
+        MODELS / g["quant_file"],
+        default_corpus(),
+        ctx=128,
+        chunks=32,
+        workdir=tmp_path,
+        settings=_settings(g),
+    )
     assert_matches_tool(r.to_dict(), fresh["summary"])
 
 
@@ -177,12 +250,30 @@ def test_llama_perplexity_reads_our_records_and_we_read_its(tool: Path, tmp_path
     ours = merge([evaluate_chunks(quant, ours_rec)]).to_dict()
     common = common_args(ctx=128, batch=512, ubatch=512, flash_attn="off", threads=2)
     exported = export_llamacpp([ours_rec], tmp_path / "ours.kld")
-    text = run_tool(tool, ["-m", str(quant), *common, "--kl-divergence-base", str(exported), "--kl-divergence"],
-                    must_contain="Same top p:")
+    text = run_tool(
+        tool,
+        ["-m", str(quant), *common, "--kl-divergence-base", str(exported), "--kl-divergence"],
+        must_contain="Same top p:",
+    )
     assert_matches_tool(ours, parse_kld_summary(text))
     theirs = tmp_path / "theirs.kld"
-    run_tool(tool, ["-m", str(BASE), "-f", str(corpus), "--chunks", "12", *common, "--kl-divergence-base", str(theirs)],
-             must_contain="Final estimate")
-    assert theirs.read_bytes()[20:20 + 4 * 128 * 12] == exported.read_bytes()[20:20 + 4 * 128 * 12]  # same tokens
+    run_tool(
+        tool,
+        [
+            "-m",
+            str(BASE),
+            "-f",
+            str(corpus),
+            "--chunks",
+            "12",
+            *common,
+            "--kl-divergence-base",
+            str(theirs),
+        ],
+        must_contain="Final estimate",
+    )
+    assert (
+        theirs.read_bytes()[20 : 20 + 4 * 128 * 12] == exported.read_bytes()[20 : 20 + 4 * 128 * 12]
+    )  # same tokens
     from_theirs = merge([evaluate_chunks(quant, theirs, settings=s)]).to_dict()
     assert_matches_tool(from_theirs, parse_kld_summary(text))

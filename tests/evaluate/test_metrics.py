@@ -27,7 +27,9 @@ def test_kl_of_a_distribution_with_itself_is_zero_and_kl_is_nonnegative() -> Non
 def test_kl_hand_computed() -> None:
     p = np.log(np.array([[0.5, 0.5]]))
     q = np.log(np.array([[0.25, 0.75]]))
-    assert M.kl_divergence(p, q)[0] == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3), rel=1e-12)
+    assert M.kl_divergence(p, q)[0] == pytest.approx(
+        0.5 * math.log(2) + 0.5 * math.log(2 / 3), rel=1e-12
+    )
 
 
 def test_token_values_with_identical_logits() -> None:
@@ -89,7 +91,9 @@ def test_mean_and_uncertainty_and_covariance() -> None:
     # llama.cpp: sqrt((E[x^2] - E[x]^2) / (n - 1)) = population std / sqrt(n - 1)
     assert e == pytest.approx(x.std() / math.sqrt(len(x) - 1))
     assert M.mean_and_uncertainty(5.0, 25.0, 5) == (1.0, 0.0)  # n <= 10: no uncertainty
-    assert M.covariance(x.sum(), x.sum(), (x * x).sum(), len(x)) == pytest.approx(x.var() / (len(x) - 1))
+    assert M.covariance(x.sum(), x.sum(), (x * x).sum(), len(x)) == pytest.approx(
+        x.var() / (len(x) - 1)
+    )
     p, pe = M.proportion_and_uncertainty(90, 101)
     assert p == pytest.approx(90 / 101) and pe == pytest.approx(math.sqrt(p * (1 - p) / 100))
 
@@ -100,7 +104,10 @@ def test_summarize_is_independent_of_how_values_are_split() -> None:
     quant = base + _logits(rng, 300, 200, spread=0.5)
     tgt = rng.integers(0, 200, 300)
     whole = M.token_values(quant, tgt, M.quantize_log_probs(base))
-    parts = [M.token_values(quant[a:b], tgt[a:b], M.quantize_log_probs(base[a:b])) for a, b in ((0, 77), (77, 300))]
+    parts = [
+        M.token_values(quant[a:b], tgt[a:b], M.quantize_log_probs(base[a:b]))
+        for a, b in ((0, 77), (77, 300))
+    ]
     assert M.summarize(M.TokenValues.concat(parts)) == M.summarize(whole)
     s = M.summarize(whole)
     assert s["n_tokens"] == 300

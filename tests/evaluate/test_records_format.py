@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,9 @@ from qatgguf.evaluate.records import (
 CTX, V = 32, 3000
 
 
-def _write(tmp: Path, rng: np.random.Generator, start: int, n: int, spread: float) -> tuple[Path, list, np.ndarray]:
+def _write(
+    tmp: Path, rng: np.random.Generator, start: int, n: int, spread: float
+) -> tuple[Path, list, np.ndarray]:
     w = _RecordWriter(V)
     logits, toks = [], []
     for _ in range(n):
@@ -30,16 +33,27 @@ def _write(tmp: Path, rng: np.random.Generator, start: int, n: int, spread: floa
         x = (rng.standard_normal((CTX - 1 - CTX // 2, V)) * spread).astype(np.float32)
         x[:, 7] += 20.0  # a confident top token: most entries fall below -16.5 and are dropped
         w.tokens.append(t)
-        w.add_rows(M.quantize_log_probs(x), t[CTX // 2 + 1:].astype(np.int64))
+        w.add_rows(M.quantize_log_probs(x), t[CTX // 2 + 1 :].astype(np.int64))
         logits.append(x)
         toks.append(t)
     p = tmp / f"r{start}.qgkl"
-    w.write(p, {"key": {"k": start}, "ctx": CTX, "n_vocab": V, "chunk_start": start, "chunk_end": start + n})
+    w.write(
+        p,
+        {
+            "key": {"k": start},
+            "ctx": CTX,
+            "n_vocab": V,
+            "chunk_start": start,
+            "chunk_end": start + n,
+        },
+    )
     return p, logits, np.stack(toks)
 
 
 @pytest.mark.parametrize("spread", [0.5, 3.0])
-def test_compact_record_gives_the_metrics_of_the_dense_record(tmp_path: Path, spread: float) -> None:
+def test_compact_record_gives_the_metrics_of_the_dense_record(
+    tmp_path: Path, spread: float
+) -> None:
     rng = np.random.default_rng(0)
     path, logits, toks = _write(tmp_path, rng, 0, 3, spread)
     rec = BaseRecords(path)
@@ -47,7 +61,7 @@ def test_compact_record_gives_the_metrics_of_the_dense_record(tmp_path: Path, sp
     for i in range(3):
         dense = M.quantize_log_probs(logits[i])
         back = rec.chunk_rows(i)
-        tgt = toks[i][CTX // 2 + 1:].astype(np.int64)
+        tgt = toks[i][CTX // 2 + 1 :].astype(np.int64)
         quant = logits[i] + (rng.standard_normal(logits[i].shape) * 0.2).astype(np.float32)
         a, b = M.token_values(quant, tgt, dense), M.token_values(quant, tgt, back)
         for f in ("nll", "nll_base", "kld", "p_diff", "same_top"):
@@ -60,15 +74,17 @@ def test_compact_record_gives_the_metrics_of_the_dense_record(tmp_path: Path, sp
 
 def test_export_llamacpp_roundtrip(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
-    p1, l1, t1 = _write(tmp_path, rng, 0, 2, 1.0)
+    p1, _l1, t1 = _write(tmp_path, rng, 0, 2, 1.0)
     p2, l2, t2 = _write(tmp_path, rng, 2, 1, 1.0)
     out = export_llamacpp([p2, p1], tmp_path / "base.kld")
     nv = 2 * ((V + 1) // 2) + 4
-    assert out.stat().st_size == 20 + 4 * CTX * 3 + 2 * 3 * (CTX - 1 - CTX // 2) * nv  # llamacpp-runtime.md §4.6
+    assert (
+        out.stat().st_size == 20 + 4 * CTX * 3 + 2 * 3 * (CTX - 1 - CTX // 2) * nv
+    )  # llamacpp-runtime.md §4.6
     rec = BaseRecords(out)
     assert rec.llamacpp and (rec.chunk_start, rec.chunk_end) == (0, 3)
     ours = BaseRecords(p2)
-    tgt = t2[0][CTX // 2 + 1:].astype(np.int64)
+    tgt = t2[0][CTX // 2 + 1 :].astype(np.int64)
     a = M.token_values(l2[0], tgt, ours.chunk_rows(2))
     b = M.token_values(l2[0], tgt, rec.chunk_rows(2))
     assert np.array_equal(a.kld, b.kld) and np.array_equal(a.nll_base, b.nll_base)
@@ -92,7 +108,7 @@ def test_plan_chunk_ranges() -> None:
     r = plan_chunk_ranges(100, n_parts=2, n_seq=8)
     assert r[0][0] == 0 and r[-1][1] == 100
     assert all(a % 8 == 0 for a, _ in r)
-    assert all(b == c for (_, b), (c, _) in zip(r, r[1:]))
+    assert all(b == c for (_, b), (c, _) in itertools.pairwise(r))
     assert plan_chunk_ranges(3, n_parts=5, n_seq=1) == [(0, 1), (1, 2), (2, 3)]
     with pytest.raises(EvaluationError):
         plan_chunk_ranges(0, n_parts=1)
@@ -100,22 +116,49 @@ def test_plan_chunk_ranges() -> None:
 
 def _stats(a: int, b: int, rng: np.random.Generator, quant: str = "q") -> ChunkStats:
     n = (b - a) * 15
-    v = M.TokenValues(nll=rng.random(n, dtype=np.float32) * 3, nll_base=rng.random(n, dtype=np.float32) * 3,
-                      kld=rng.random(n) * 0.01, p_diff=(rng.random(n, dtype=np.float32) - 0.5) * 0.1,
-                      same_top=rng.random(n) < 0.9)
-    return ChunkStats(chunk_start=a, chunk_end=b, ctx=32, n_vocab=V, base_sha256="b", corpus_sha256="c",
-                      quant_sha256=quant, base_size=10, quant_size=5, values=v)
+    v = M.TokenValues(
+        nll=rng.random(n, dtype=np.float32) * 3,
+        nll_base=rng.random(n, dtype=np.float32) * 3,
+        kld=rng.random(n) * 0.01,
+        p_diff=(rng.random(n, dtype=np.float32) - 0.5) * 0.1,
+        same_top=rng.random(n) < 0.9,
+    )
+    return ChunkStats(
+        chunk_start=a,
+        chunk_end=b,
+        ctx=32,
+        n_vocab=V,
+        base_sha256="b",
+        corpus_sha256="c",
+        quant_sha256=quant,
+        base_size=10,
+        quant_size=5,
+        values=v,
+    )
 
 
 def test_merge_is_exact_and_checks_ranges(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     s1, s2 = _stats(0, 4, rng), _stats(4, 10, rng)
-    whole = ChunkStats(0, 10, 32, V, "b", "c", "q", 10, 5, M.TokenValues.concat([s1.values, s2.values]))
+    whole = ChunkStats(
+        0, 10, 32, V, "b", "c", "q", 10, 5, M.TokenValues.concat([s1.values, s2.values])
+    )
     assert merge([s2, s1]) == merge([whole])
     r = merge([s1, s2])
     assert r.n_chunks == 10 and r.n_tokens == 150
-    assert set(r.to_dict()) >= {"mean_kld", "mean_kld_err", "kld_99_9", "same_top_p", "ppl_ratio", "n_tokens",
-                                "base_sha256", "quant_sha256", "corpus_sha256", "base_size", "quant_size"}
+    assert set(r.to_dict()) >= {
+        "mean_kld",
+        "mean_kld_err",
+        "kld_99_9",
+        "same_top_p",
+        "ppl_ratio",
+        "n_tokens",
+        "base_sha256",
+        "quant_sha256",
+        "corpus_sha256",
+        "base_size",
+        "quant_size",
+    }
     assert merge([ChunkStats.load(s1.save(tmp_path / "a.npz")), s2]) == r
     with pytest.raises(EvaluationError, match="gap or overlap"):
         merge([s1, _stats(5, 10, rng)])
@@ -126,7 +169,9 @@ def test_merge_is_exact_and_checks_ranges(tmp_path: Path) -> None:
 def test_gate() -> None:
     rng = np.random.default_rng(4)
     r = merge([_stats(0, 10, rng)])
-    ok = apply_gate(r, GateThresholds(max_mean_kld=1.0, max_kld_99_9=1.0, min_same_top_p=0.5, max_ppl_ratio=10))
+    ok = apply_gate(
+        r, GateThresholds(max_mean_kld=1.0, max_kld_99_9=1.0, min_same_top_p=0.5, max_ppl_ratio=10)
+    )
     assert ok.passed and not ok.reasons and len(ok.checks) == 4
     bad = apply_gate(r, GateThresholds(max_mean_kld=1e-9, min_same_top_p=0.99))
     assert not bad.passed

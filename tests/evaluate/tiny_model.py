@@ -17,9 +17,22 @@ import sys
 from pathlib import Path
 
 VOCAB = 1024
-SPEC = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 128, "steps": 200, "seq": 128,
-        "batch": 16, "seed": 0, "vocab": VOCAB, "version": 3}
-LLAMA_CPP_SRC = Path(os.environ.get("QATGGUF_LLAMA_CPP_SRC", "/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+SPEC = {
+    "hidden": 64,
+    "layers": 2,
+    "heads": 4,
+    "kv_heads": 2,
+    "ffn": 128,
+    "steps": 200,
+    "seq": 128,
+    "batch": 16,
+    "seed": 0,
+    "vocab": VOCAB,
+    "version": 3,
+}
+LLAMA_CPP_SRC = Path(
+    os.environ.get("QATGGUF_LLAMA_CPP_SRC", "/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp")
+)
 
 
 def _train(hf_dir: Path, text: str) -> None:
@@ -30,31 +43,53 @@ def _train(hf_dir: Path, text: str) -> None:
     hf_dir.mkdir(parents=True, exist_ok=True)
     lines = [ln for ln in text.splitlines() if ln.strip()]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(hf_dir / "tokenizer"), vocab_size=VOCAB,
-        model_type="bpe", byte_fallback=True, character_coverage=0.98, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, num_threads=2, minloglevel=2, max_sentence_length=100000,
+        sentence_iterator=iter(lines),
+        model_prefix=str(hf_dir / "tokenizer"),
+        vocab_size=VOCAB,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=0.98,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=2,
+        minloglevel=2,
+        max_sentence_length=100000,
     )
     sp = spm.SentencePieceProcessor(model_file=str(hf_dir / "tokenizer.model"))
     # encode line by line: sentencepiece is slow on one very long input
-    ids = torch.tensor([t for ln in text[: len(text) // 2].splitlines() for t in sp.encode(ln)], dtype=torch.long)
+    ids = torch.tensor(
+        [t for ln in text[: len(text) // 2].splitlines() for t in sp.encode(ln)], dtype=torch.long
+    )
     torch.manual_seed(SPEC["seed"])
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=SPEC["hidden"], intermediate_size=SPEC["ffn"],
-                      num_hidden_layers=SPEC["layers"], num_attention_heads=SPEC["heads"],
-                      num_key_value_heads=SPEC["kv_heads"], max_position_embeddings=1024,
-                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=SPEC["hidden"],
+        intermediate_size=SPEC["ffn"],
+        num_hidden_layers=SPEC["layers"],
+        num_attention_heads=SPEC["heads"],
+        num_key_value_heads=SPEC["kv_heads"],
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     seq, bs = SPEC["seq"], SPEC["batch"]
     g = torch.Generator().manual_seed(SPEC["seed"])
     for _ in range(SPEC["steps"]):
         starts = torch.randint(0, len(ids) - seq - 1, (bs,), generator=g)
-        x = torch.stack([ids[s:s + seq] for s in starts])
+        x = torch.stack([ids[s : s + seq] for s in starts])
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.save_pretrained(hf_dir, safe_serialization=True)
-    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "add_eos_token": False}))
+    (hf_dir / "tokenizer_config.json").write_text(
+        json.dumps({"add_bos_token": True, "add_eos_token": False})
+    )
 
 
 def _quantize(src: Path, dst: Path, ftype: int) -> None:
@@ -75,7 +110,11 @@ def build_tiny_ggufs(corpus: Path, root: Path) -> dict[str, Path]:
     import llama_cpp
 
     text = corpus.read_text(encoding="utf-8")
-    out = {"bf16": root / "tiny-bf16.gguf", "q8_0": root / "tiny-q8_0.gguf", "q4_0": root / "tiny-q4_0.gguf"}
+    out = {
+        "bf16": root / "tiny-bf16.gguf",
+        "q8_0": root / "tiny-q8_0.gguf",
+        "q4_0": root / "tiny-q4_0.gguf",
+    }
     if all(p.is_file() for p in out.values()):
         return out
     hf = root / "hf"
@@ -83,8 +122,19 @@ def build_tiny_ggufs(corpus: Path, root: Path) -> dict[str, Path]:
         _train(hf, text)
     if not out["bf16"].is_file():
         tmp = out["bf16"].with_name("tiny-bf16.gguf.tmp")
-        subprocess.run([sys.executable, str(LLAMA_CPP_SRC / "convert_hf_to_gguf.py"), str(hf), "--outtype", "bf16",
-                        "--outfile", str(tmp)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(LLAMA_CPP_SRC / "convert_hf_to_gguf.py"),
+                str(hf),
+                "--outtype",
+                "bf16",
+                "--outfile",
+                str(tmp),
+            ],
+            check=True,
+            capture_output=True,
+        )
         tmp.replace(out["bf16"])
     _quantize(out["bf16"], out["q8_0"], llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0)
     _quantize(out["bf16"], out["q4_0"], llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)

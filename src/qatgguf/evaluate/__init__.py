@@ -30,7 +30,21 @@ def default_corpus() -> Path:
 
 
 __all__ = [
-    "BaseRecords", "ChunkStats", "EvalResult", "GateDecision", "GateThresholds", "RecordKey", "RunnerSettings",
-    "apply_gate", "compute_base_records", "count_chunks", "default_corpus", "evaluate", "evaluate_chunks",
-    "export_llamacpp", "merge", "plan_chunk_ranges", "record_key",
+    "BaseRecords",
+    "ChunkStats",
+    "EvalResult",
+    "GateDecision",
+    "GateThresholds",
+    "RecordKey",
+    "RunnerSettings",
+    "apply_gate",
+    "compute_base_records",
+    "count_chunks",
+    "default_corpus",
+    "evaluate",
+    "evaluate_chunks",
+    "export_llamacpp",
+    "merge",
+    "plan_chunk_ranges",
+    "record_key",
 ]

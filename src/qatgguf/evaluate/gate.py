@@ -40,12 +40,17 @@ class GateDecision:
         return {
             "passed": self.passed,
             "reasons": list(self.reasons),
-            "checks": [{"metric": m, "value": v, "op": op, "limit": lim, "ok": ok} for m, v, op, lim, ok in self.checks],
+            "checks": [
+                {"metric": m, "value": v, "op": op, "limit": lim, "ok": ok}
+                for m, v, op, lim, ok in self.checks
+            ],
         }
 
     def summary(self) -> str:
         if self.passed:
-            return "gate PASSED: " + ", ".join(f"{m} {v:.6g} {op} {lim:g}" for m, v, op, lim, _ in self.checks)
+            return "gate PASSED: " + ", ".join(
+                f"{m} {v:.6g} {op} {lim:g}" for m, v, op, lim, _ in self.checks
+            )
         return "gate FAILED, not published: " + "; ".join(self.reasons)
 
 

@@ -94,7 +94,9 @@ class TokenValues:
         n = len(self.nll)
         for name in ("nll_base", "kld", "p_diff", "same_top"):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"TokenValues.{name} has {len(getattr(self, name))} rows, nll has {n}")
+                raise ValueError(
+                    f"TokenValues.{name} has {len(getattr(self, name))} rows, nll has {n}"
+                )
 
     def __len__(self) -> int:
         return len(self.nll)
@@ -102,7 +104,10 @@ class TokenValues:
     @staticmethod
     def concat(parts: list[TokenValues]) -> TokenValues:
         return TokenValues(
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("nll", "nll_base", "kld", "p_diff", "same_top"))
+            *(
+                np.concatenate([getattr(p, f) for p in parts])
+                for f in ("nll", "nll_base", "kld", "p_diff", "same_top")
+            )
         )
 
 
@@ -130,7 +135,9 @@ def token_values(
     terms = np.exp(p_log_base) * (p_log_base - x + shifted[:, None])
     kld = np.where(keep, terms, np.float32(0)).sum(axis=1, dtype=np.float64)
     p_diff = (np.exp(-nll) - np.exp(-nll_base)).astype(np.float32)
-    return TokenValues(nll=nll, nll_base=nll_base, kld=kld, p_diff=p_diff, same_top=imax == imax_base)
+    return TokenValues(
+        nll=nll, nll_base=nll_base, kld=kld, p_diff=p_diff, same_top=imax == imax_base
+    )
 
 
 def mean_and_uncertainty(total: float, total2: float, count: int) -> tuple[float, float]:
@@ -192,12 +199,26 @@ def proportion_and_uncertainty(hits: int, count: int) -> tuple[float, float]:
 
 
 KLD_PERCENTILES: tuple[tuple[str, float], ...] = (
-    ("kld_99_9", 0.999), ("kld_99", 0.990), ("kld_95", 0.950), ("kld_90", 0.900),
-    ("kld_10", 0.100), ("kld_5", 0.050), ("kld_1", 0.010), ("kld_0_1", 0.001),
+    ("kld_99_9", 0.999),
+    ("kld_99", 0.990),
+    ("kld_95", 0.950),
+    ("kld_90", 0.900),
+    ("kld_10", 0.100),
+    ("kld_5", 0.050),
+    ("kld_1", 0.010),
+    ("kld_0_1", 0.001),
 )
 P_DIFF_PERCENTILES: tuple[tuple[str, float], ...] = (
-    ("dp_99_9", 0.999), ("dp_99", 0.990), ("dp_95", 0.950), ("dp_90", 0.900), ("dp_75", 0.750),
-    ("dp_25", 0.250), ("dp_10", 0.100), ("dp_5", 0.050), ("dp_1", 0.010), ("dp_0_1", 0.001),
+    ("dp_99_9", 0.999),
+    ("dp_99", 0.990),
+    ("dp_95", 0.950),
+    ("dp_90", 0.900),
+    ("dp_75", 0.750),
+    ("dp_25", 0.250),
+    ("dp_10", 0.100),
+    ("dp_5", 0.050),
+    ("dp_1", 0.010),
+    ("dp_0_1", 0.001),
 )
 
 
@@ -230,19 +251,36 @@ def summarize(values: TokenValues) -> dict[str, float | int]:
     ds = np.sort(values.p_diff.astype(np.float32))
     out: dict[str, float | int] = {
         "n_tokens": n,
-        "ppl_quant": ppl, "ppl_quant_err": ppl * log_ppl_unc,
-        "ppl_base": ppl_b, "ppl_base_err": ppl_b * log_ppl_b_unc,
-        "ln_ppl_ratio": ratio_log, "ln_ppl_ratio_err": ratio_log_unc,
-        "ppl_ratio": math.exp(ratio_log), "ppl_ratio_err": math.exp(ratio_log) * ratio_log_unc,
+        "ppl_quant": ppl,
+        "ppl_quant_err": ppl * log_ppl_unc,
+        "ppl_base": ppl_b,
+        "ppl_base_err": ppl_b * log_ppl_b_unc,
+        "ln_ppl_ratio": ratio_log,
+        "ln_ppl_ratio_err": ratio_log_unc,
+        "ppl_ratio": math.exp(ratio_log),
+        "ppl_ratio_err": math.exp(ratio_log) * ratio_log_unc,
         "ppl_diff": ppl - ppl_b,
-        "ppl_diff_err": math.sqrt(max((ppl * log_ppl_unc) ** 2 + (ppl_b * log_ppl_b_unc) ** 2 - 2.0 * ppl * ppl_b * cov, 0.0)),
+        "ppl_diff_err": math.sqrt(
+            max(
+                (ppl * log_ppl_unc) ** 2 + (ppl_b * log_ppl_b_unc) ** 2 - 2.0 * ppl * ppl_b * cov,
+                0.0,
+            )
+        ),
         "ln_ppl_correlation": cov / denom if denom > 0 else 0.0,
-        "mean_kld": mean_kld, "mean_kld_err": mean_kld_unc,
-        "kld_max": float(ks[-1]), "kld_median": median(ks), "kld_min": float(ks[0]),
-        "same_top_p": same, "same_top_p_err": same_unc,
-        "dp_mean": mean_dp, "dp_mean_err": mean_dp_unc,
-        "dp_max": float(ds[-1]), "dp_median": median(ds), "dp_min": float(ds[0]),
-        "dp_rms": rms, "dp_rms_err": 0.5 / rms * mse_unc if rms > 0 else 0.0,
+        "mean_kld": mean_kld,
+        "mean_kld_err": mean_kld_unc,
+        "kld_max": float(ks[-1]),
+        "kld_median": median(ks),
+        "kld_min": float(ks[0]),
+        "same_top_p": same,
+        "same_top_p_err": same_unc,
+        "dp_mean": mean_dp,
+        "dp_mean_err": mean_dp_unc,
+        "dp_max": float(ds[-1]),
+        "dp_median": median(ds),
+        "dp_min": float(ds[0]),
+        "dp_rms": rms,
+        "dp_rms_err": 0.5 / rms * mse_unc if rms > 0 else 0.0,
     }
     for name, frac in KLD_PERCENTILES:
         out[name] = percentile(ks, frac)

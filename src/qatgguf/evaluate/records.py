@@ -25,6 +25,7 @@ array offsets), then 64-byte aligned little-endian arrays. Records are keyed by
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import struct
@@ -37,7 +38,13 @@ import numpy as np
 
 from qatgguf.errors import EvaluationError
 from qatgguf.evaluate.metrics import KLD_LOG_PROB_FLOOR as M_FLOOR
-from qatgguf.evaluate.metrics import QuantizedLogProbs, TokenValues, quantize_log_probs, summarize, token_values
+from qatgguf.evaluate.metrics import (
+    QuantizedLogProbs,
+    TokenValues,
+    quantize_log_probs,
+    summarize,
+    token_values,
+)
 from qatgguf.evaluate.runner import LogitsRunner, RunnerSettings, read_corpus_text
 
 MAGIC = b"QGKLREC1"
@@ -55,7 +62,9 @@ def sha256_file(path: Path, *, chunk: int = 1 << 24) -> str:
             while b := f.read(chunk):
                 h.update(b)
     except OSError as exc:
-        raise EvaluationError(f"{path}: file not found or unreadable ({exc.strerror}); check the path") from exc
+        raise EvaluationError(
+            f"{path}: file not found or unreadable ({exc.strerror}); check the path"
+        ) from exc
     return h.hexdigest()
 
 
@@ -71,7 +80,9 @@ class RecordKey:
     chunk_end: int
 
     def settings_tag(self) -> str:
-        return hashlib.sha256(json.dumps(dict(self.settings), sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(dict(self.settings), sort_keys=True).encode()).hexdigest()[
+            :12
+        ]
 
     def store_key(self) -> str:
         """Relative artifact-store key, e.g. `eval-base/<base sha>/<corpus sha16>/c256-<tag>/chunks-00000-00016.qgkl`."""
@@ -123,8 +134,14 @@ class BaseRecords:
                     data_start = _aligned(16 + hl)
                 elif magic == LLAMACPP_MAGIC:
                     n_ctx, n_vocab, n_chunk = struct.unpack("<Iii", f.read(12))
-                    self.header = {"format": "llama.cpp", "ctx": n_ctx, "n_vocab": n_vocab,
-                                   "chunk_start": 0, "chunk_end": n_chunk, "key": None}
+                    self.header = {
+                        "format": "llama.cpp",
+                        "ctx": n_ctx,
+                        "n_vocab": n_vocab,
+                        "chunk_start": 0,
+                        "chunk_end": n_chunk,
+                        "key": None,
+                    }
                     data_start = 20
                 else:
                     raise EvaluationError(
@@ -139,20 +156,28 @@ class BaseRecords:
         self.chunk_end = int(self.header["chunk_end"])
         self.n_scored = self.ctx - 1 - self.ctx // 2
         self.llamacpp = self.header.get("format") == "llama.cpp"
-        raw = np.memmap(self.path, dtype=np.uint8, mode="r").view(np.ndarray)  # plain views: cheap indexing
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r").view(
+            np.ndarray
+        )  # plain views: cheap indexing
         n_chunks = self.chunk_end - self.chunk_start
         if self.llamacpp:
             ntok = self.ctx * n_chunks
-            self._tokens = raw[data_start:data_start + 4 * ntok].view(np.int32).reshape(n_chunks, self.ctx)
+            self._tokens = (
+                raw[data_start : data_start + 4 * ntok].view(np.int32).reshape(n_chunks, self.ctx)
+            )
             nv = 2 * ((self.n_vocab + 1) // 2) + 4
             start = data_start + 4 * ntok
             need = start + 2 * nv * n_chunks * self.n_scored
             if raw.size < need:
-                raise EvaluationError(f"{self.path}: truncated llama.cpp base file ({raw.size} bytes, need {need})")
+                raise EvaluationError(
+                    f"{self.path}: truncated llama.cpp base file ({raw.size} bytes, need {need})"
+                )
             self._rows = raw[start:need].view(np.uint16).reshape(n_chunks * self.n_scored, nv)
         else:
             if self.header.get("version") != FORMAT_VERSION:
-                raise EvaluationError(f"{self.path}: record format version {self.header.get('version')}, expected {FORMAT_VERSION}")
+                raise EvaluationError(
+                    f"{self.path}: record format version {self.header.get('version')}, expected {FORMAT_VERSION}"
+                )
             self._a = {}
             for name, spec in self.header["arrays"].items():
                 dt = np.dtype(spec["dtype"])
@@ -160,7 +185,7 @@ class BaseRecords:
                 off = data_start + spec["offset"]
                 if raw.size < off + count * dt.itemsize:
                     raise EvaluationError(f"{self.path}: truncated record (array {name!r})")
-                self._a[name] = raw[off:off + count * dt.itemsize].view(dt).reshape(spec["shape"])
+                self._a[name] = raw[off : off + count * dt.itemsize].view(dt).reshape(spec["shape"])
             self._tokens = self._a["tokens"]
 
     @property
@@ -173,7 +198,9 @@ class BaseRecords:
 
     def _check(self, i: int) -> None:
         if not self.chunk_start <= i < self.chunk_end:
-            raise EvaluationError(f"{self.path}: chunk {i} is outside this record's range [{self.chunk_start}, {self.chunk_end})")
+            raise EvaluationError(
+                f"{self.path}: chunk {i} is outside this record's range [{self.chunk_start}, {self.chunk_end})"
+            )
 
     def chunk_rows(self, i: int, lo: int = 0, hi: int | None = None) -> QuantizedLogProbs:
         """Scored rows lo..hi of chunk i, decoded to llama.cpp's dense 16-bit form."""
@@ -181,22 +208,30 @@ class BaseRecords:
         hi = self.n_scored if hi is None else hi
         r0 = (i - self.chunk_start) * self.n_scored
         if self.llamacpp:
-            rows = np.asarray(self._rows[r0 + lo:r0 + hi])
+            rows = np.asarray(self._rows[r0 + lo : r0 + hi])
             sm = rows[:, :4].copy().view(np.float32)
-            return QuantizedLogProbs(scale=sm[:, 0].copy(), min_log_prob=sm[:, 1].copy(), q=rows[:, 4:4 + self.n_vocab].copy())
+            return QuantizedLogProbs(
+                scale=sm[:, 0].copy(),
+                min_log_prob=sm[:, 1].copy(),
+                q=rows[:, 4 : 4 + self.n_vocab].copy(),
+            )
         a = self._a
         q = np.zeros((hi - lo, self.n_vocab), dtype=np.uint16)
         vp, ip = a["val_ptr"], a["idx_ptr"]
         for k, r in enumerate(range(r0 + lo, r0 + hi)):
-            v = a["values"][vp[r]:vp[r + 1]]
+            v = a["values"][vp[r] : vp[r + 1]]
             if ip[r + 1] == ip[r]:
                 q[k] = v
             else:
-                q[k, a["indices"][ip[r]:ip[r + 1]]] = v
+                q[k, a["indices"][ip[r] : ip[r + 1]]] = v
         # the target's code is kept even when it is below the floor (it sets the base NLL)
-        tgt = self.chunk_tokens(i)[self.ctx // 2 + 1 + lo:self.ctx // 2 + 1 + hi]
-        q[np.arange(hi - lo), tgt] = a["target_q"][r0 + lo:r0 + hi]
-        return QuantizedLogProbs(scale=np.array(a["scale"][r0 + lo:r0 + hi]), min_log_prob=np.array(a["min_log_prob"][r0 + lo:r0 + hi]), q=q)
+        tgt = self.chunk_tokens(i)[self.ctx // 2 + 1 + lo : self.ctx // 2 + 1 + hi]
+        q[np.arange(hi - lo), tgt] = a["target_q"][r0 + lo : r0 + hi]
+        return QuantizedLogProbs(
+            scale=np.array(a["scale"][r0 + lo : r0 + hi]),
+            min_log_prob=np.array(a["min_log_prob"][r0 + lo : r0 + hi]),
+            q=q,
+        )
 
 
 class _RecordWriter:
@@ -220,7 +255,9 @@ class _RecordWriter:
         self.target_q.append(rec.q[np.arange(n), targets])
         # A code of 0 decodes to exactly min_log_prob (no rounding), which the KLD sum skips
         # unless it is above -16; other codes get the margin.
-        keep = np.where(rec.q > 0, rec.log_probs() > KEEP_FLOOR, (rec.min_log_prob > M_FLOOR)[:, None])
+        keep = np.where(
+            rec.q > 0, rec.log_probs() > KEEP_FLOOR, (rec.min_log_prob > M_FLOOR)[:, None]
+        )
         for r in range(n):
             k = int(keep[r].sum())
             if k * 6 >= self.n_vocab * 2:  # (u32, u16) pairs no smaller than the dense row
@@ -249,7 +286,11 @@ class _RecordWriter:
             "indices": cat(self.indices, np.uint32),
         }
         n_dense = sum(1 for n in self.idx_len if n == 0)
-        _write_arrays(path, {**header, "version": FORMAT_VERSION, "dense_rows": n_dense, "rows": len(self.idx_len)}, arrays)
+        _write_arrays(
+            path,
+            {**header, "version": FORMAT_VERSION, "dense_rows": n_dense, "rows": len(self.idx_len)},
+            arrays,
+        )
 
 
 def _check_corpus_len(corpus: Path, n_tokens: int, ctx: int) -> None:
@@ -261,10 +302,14 @@ def _check_corpus_len(corpus: Path, n_tokens: int, ctx: int) -> None:
         )
 
 
-def _resolve_range(n_chunks: int, chunk_range: tuple[int, int] | None, what: str) -> tuple[int, int]:
+def _resolve_range(
+    n_chunks: int, chunk_range: tuple[int, int] | None, what: str
+) -> tuple[int, int]:
     a, b = chunk_range if chunk_range is not None else (0, n_chunks)
     if not (0 <= a < b <= n_chunks):
-        raise EvaluationError(f"{what}: chunk range [{a}, {b}) is not inside [0, {n_chunks}); pick a range within it")
+        raise EvaluationError(
+            f"{what}: chunk range [{a}, {b}) is not inside [0, {n_chunks}); pick a range within it"
+        )
     return a, b
 
 
@@ -272,7 +317,9 @@ def plan_chunk_ranges(n_chunks: int, *, n_parts: int, n_seq: int = 1) -> list[tu
     """Cut [0, n_chunks) into at most n_parts contiguous ranges whose starts are multiples of
     n_seq, so each range batches its chunks as a whole-corpus run does (same logits)."""
     if n_chunks < 1 or n_parts < 1 or n_seq < 1:
-        raise EvaluationError(f"plan_chunk_ranges needs n_chunks, n_parts, n_seq >= 1, got {n_chunks}, {n_parts}, {n_seq}")
+        raise EvaluationError(
+            f"plan_chunk_ranges needs n_chunks, n_parts, n_seq >= 1, got {n_chunks}, {n_parts}, {n_seq}"
+        )
     groups = -(-n_chunks // n_seq)
     n_parts = min(n_parts, groups)
     bounds = [round(k * groups / n_parts) * n_seq for k in range(n_parts + 1)]
@@ -303,21 +350,38 @@ def count_chunks(base_gguf: Path, corpus: Path, *, ctx: int, chunks: int | None 
 
 
 def record_key(
-    base_gguf: Path, corpus: Path, *, ctx: int, chunk_range: tuple[int, int],
-    settings: RunnerSettings = RunnerSettings(), base_sha256: str | None = None, corpus_sha256: str | None = None,
+    base_gguf: Path,
+    corpus: Path,
+    *,
+    ctx: int,
+    chunk_range: tuple[int, int],
+    settings: RunnerSettings | None = None,
+    base_sha256: str | None = None,
+    corpus_sha256: str | None = None,
 ) -> RecordKey:
+    settings = settings or RunnerSettings()
     return RecordKey(
         base_sha256=base_sha256 or sha256_file(base_gguf),
         corpus_sha256=corpus_sha256 or sha256_file(corpus),
-        ctx=ctx, settings=tuple(sorted(settings.logits_key().items())),
-        chunk_start=chunk_range[0], chunk_end=chunk_range[1],
+        ctx=ctx,
+        settings=tuple(sorted(settings.logits_key().items())),
+        chunk_start=chunk_range[0],
+        chunk_end=chunk_range[1],
     )
 
 
 def compute_base_records(
-    base_gguf: Path, corpus: Path, *, ctx: int, chunk_range: tuple[int, int] | None = None,
-    chunks: int | None = None, settings: RunnerSettings = RunnerSettings(), out: Path | None = None,
-    workdir: Path | None = None, base_sha256: str | None = None, corpus_sha256: str | None = None,
+    base_gguf: Path,
+    corpus: Path,
+    *,
+    ctx: int,
+    chunk_range: tuple[int, int] | None = None,
+    chunks: int | None = None,
+    settings: RunnerSettings | None = None,
+    out: Path | None = None,
+    workdir: Path | None = None,
+    base_sha256: str | None = None,
+    corpus_sha256: str | None = None,
 ) -> Path:
     """Run the base model over chunks [start, end) of the corpus and write their compact
     log-prob record. Returns the record's path: `out`, else `workdir / key.store_key()`
@@ -325,6 +389,7 @@ def compute_base_records(
 
     Raises EvaluationError (corpus too short, bad range, llama.cpp failure).
     """
+    settings = settings or RunnerSettings()
     base_gguf, corpus = Path(base_gguf), Path(corpus)
     base_sha256 = base_sha256 or sha256_file(base_gguf)
     corpus_sha256 = corpus_sha256 or sha256_file(corpus)
@@ -334,8 +399,15 @@ def compute_base_records(
         _check_corpus_len(corpus, len(tokens), ctx)
         n_chunks = min(len(tokens) // ctx, chunks) if chunks else len(tokens) // ctx
         a, b = _resolve_range(n_chunks, chunk_range, str(corpus))
-        key = record_key(base_gguf, corpus, ctx=ctx, chunk_range=(a, b), settings=settings,
-                         base_sha256=base_sha256, corpus_sha256=corpus_sha256)
+        key = record_key(
+            base_gguf,
+            corpus,
+            ctx=ctx,
+            chunk_range=(a, b),
+            settings=settings,
+            base_sha256=base_sha256,
+            corpus_sha256=corpus_sha256,
+        )
         if out is None:
             out = Path(workdir or tempfile.mkdtemp(prefix="qatgguf-eval-")) / key.store_key()
         out = Path(out)
@@ -347,15 +419,28 @@ def compute_base_records(
                 pass  # unreadable: recompute and replace
         w = _RecordWriter(run.n_vocab)
         first = ctx // 2
-        for i, logits in run.chunk_logits({i: tokens[i * ctx:(i + 1) * ctx] for i in range(a, b)}):
-            t = tokens[i * ctx:(i + 1) * ctx]
+        for i, logits in run.chunk_logits(
+            {i: tokens[i * ctx : (i + 1) * ctx] for i in range(a, b)}
+        ):
+            t = tokens[i * ctx : (i + 1) * ctx]
             w.tokens.append(t)
-            targets = t[first + 1:].astype(np.int64)
+            targets = t[first + 1 :].astype(np.int64)
             for lo in range(0, len(targets), _ROW_BLOCK):
-                w.add_rows(quantize_log_probs(logits[lo:lo + _ROW_BLOCK]), targets[lo:lo + _ROW_BLOCK])
-        header = {"key": _key_dict(key), "ctx": ctx, "n_vocab": run.n_vocab, "chunk_start": a, "chunk_end": b,
-                  "n_corpus_tokens": int(len(tokens)), "n_chunks_total": n_chunks, "add_bos": run.add_bos,
-                  "base_file": base_gguf.name, "base_size": base_gguf.stat().st_size}
+                w.add_rows(
+                    quantize_log_probs(logits[lo : lo + _ROW_BLOCK]), targets[lo : lo + _ROW_BLOCK]
+                )
+        header = {
+            "key": _key_dict(key),
+            "ctx": ctx,
+            "n_vocab": run.n_vocab,
+            "chunk_start": a,
+            "chunk_end": b,
+            "n_corpus_tokens": len(tokens),
+            "n_chunks_total": n_chunks,
+            "add_bos": run.add_bos,
+            "base_file": base_gguf.name,
+            "base_size": base_gguf.stat().st_size,
+        }
         w.write(out, header)
     return out
 
@@ -384,14 +469,29 @@ class ChunkStats:
     _FIELDS = ("nll", "nll_base", "kld", "p_diff", "same_top")
 
     def save(self, path: Path) -> Path:
-        meta = {k: getattr(self, k) for k in ("chunk_start", "chunk_end", "ctx", "n_vocab", "base_sha256",
-                                                "corpus_sha256", "quant_sha256", "base_size", "quant_size")}
+        meta = {
+            k: getattr(self, k)
+            for k in (
+                "chunk_start",
+                "chunk_end",
+                "ctx",
+                "n_vocab",
+                "base_sha256",
+                "corpus_sha256",
+                "quant_sha256",
+                "base_size",
+                "quant_size",
+            )
+        }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
-            np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-                     **{k: getattr(self.values, k) for k in self._FIELDS})
+            np.savez(
+                f,
+                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                **{k: getattr(self.values, k) for k in self._FIELDS},
+            )
         os.replace(tmp, path)
         return path
 
@@ -403,8 +503,13 @@ class ChunkStats:
 
 
 def evaluate_chunks(
-    quant_gguf: Path, base_records: Path | Sequence[Path], *, chunk_range: tuple[int, int] | None = None,
-    settings: RunnerSettings | None = None, quant_sha256: str | None = None, n_threads: int | None = None,
+    quant_gguf: Path,
+    base_records: Path | Sequence[Path],
+    *,
+    chunk_range: tuple[int, int] | None = None,
+    settings: RunnerSettings | None = None,
+    quant_sha256: str | None = None,
+    n_threads: int | None = None,
     n_gpu_layers: int | None = None,
 ) -> ChunkStats:
     """Evaluate the quant on chunks [start, end) against base records (ours or llama.cpp's).
@@ -413,44 +518,65 @@ def evaluate_chunks(
     threads and GPU offload can be set separately. Raises EvaluationError.
     """
     quant_gguf = Path(quant_gguf)
-    recs = [BaseRecords(p) for p in ([base_records] if isinstance(base_records, (str, Path)) else base_records)]
+    recs = [
+        BaseRecords(p)
+        for p in ([base_records] if isinstance(base_records, (str, Path)) else base_records)
+    ]
     if not recs:
         raise EvaluationError("evaluate_chunks: no base records given")
     ctx, n_vocab = recs[0].ctx, recs[0].n_vocab
     for r in recs:
         if (r.ctx, r.n_vocab) != (ctx, n_vocab):
-            raise EvaluationError(f"{r.path}: ctx/vocab ({r.ctx}, {r.n_vocab}) differ from {recs[0].path} ({ctx}, {n_vocab})")
+            raise EvaluationError(
+                f"{r.path}: ctx/vocab ({r.ctx}, {r.n_vocab}) differ from {recs[0].path} ({ctx}, {n_vocab})"
+            )
     lo, hi = min(r.chunk_start for r in recs), max(r.chunk_end for r in recs)
     a, b = chunk_range if chunk_range is not None else (lo, hi)
     owner = {}
     for i in range(a, b):
         owner[i] = next((r for r in recs if r.chunk_start <= i < r.chunk_end), None)
         if owner[i] is None:
-            raise EvaluationError(f"chunk {i} of range [{a}, {b}) is in none of the base records "
-                                  f"({', '.join(f'{r.path.name}=[{r.chunk_start},{r.chunk_end})' for r in recs)})")
+            raise EvaluationError(
+                f"chunk {i} of range [{a}, {b}) is in none of the base records "
+                f"({', '.join(f'{r.path.name}=[{r.chunk_start},{r.chunk_end})' for r in recs)})"
+            )
     key = recs[0].key or {}
     if settings is None:
         settings = RunnerSettings(**key["settings"]) if key.get("settings") else RunnerSettings()
     if n_threads is not None or n_gpu_layers is not None:
-        settings = RunnerSettings(**{**asdict(settings), **({"n_threads": n_threads} if n_threads is not None else {}),
-                                     **({"n_gpu_layers": n_gpu_layers} if n_gpu_layers is not None else {})})
+        settings = RunnerSettings(
+            **{
+                **asdict(settings),
+                **({"n_threads": n_threads} if n_threads is not None else {}),
+                **({"n_gpu_layers": n_gpu_layers} if n_gpu_layers is not None else {}),
+            }
+        )
     first = ctx // 2
     parts: list[TokenValues] = []
     with LogitsRunner(quant_gguf, ctx=ctx, settings=settings) as run:
         if run.n_vocab != n_vocab:
             # ref: perplexity.cpp "inconsistent vocabulary"
-            raise EvaluationError(f"{quant_gguf}: vocabulary has {run.n_vocab} tokens but the base record "
-                                  f"{recs[0].path} has {n_vocab}; evaluate a quant of the same model")
+            raise EvaluationError(
+                f"{quant_gguf}: vocabulary has {run.n_vocab} tokens but the base record "
+                f"{recs[0].path} has {n_vocab}; evaluate a quant of the same model"
+            )
         for i, logits in run.chunk_logits({i: owner[i].chunk_tokens(i) for i in range(a, b)}):
-            targets = owner[i].chunk_tokens(i)[first + 1:].astype(np.int64)
+            targets = owner[i].chunk_tokens(i)[first + 1 :].astype(np.int64)
             for r0 in range(0, len(targets), _ROW_BLOCK):
                 r1 = min(r0 + _ROW_BLOCK, len(targets))
-                parts.append(token_values(logits[r0:r1], targets[r0:r1], owner[i].chunk_rows(i, r0, r1)))
+                parts.append(
+                    token_values(logits[r0:r1], targets[r0:r1], owner[i].chunk_rows(i, r0, r1))
+                )
     return ChunkStats(
-        chunk_start=a, chunk_end=b, ctx=ctx, n_vocab=n_vocab,
-        base_sha256=key.get("base_sha256"), corpus_sha256=key.get("corpus_sha256"),
+        chunk_start=a,
+        chunk_end=b,
+        ctx=ctx,
+        n_vocab=n_vocab,
+        base_sha256=key.get("base_sha256"),
+        corpus_sha256=key.get("corpus_sha256"),
         quant_sha256=quant_sha256 or sha256_file(quant_gguf),
-        base_size=recs[0].header.get("base_size"), quant_size=quant_gguf.stat().st_size,
+        base_size=recs[0].header.get("base_size"),
+        quant_size=quant_gguf.stat().st_size,
         values=TokenValues.concat(parts),
     )
 
@@ -558,8 +684,10 @@ class EvalResult:
             f"RMS Δp    : {pct * self.dp_rms:6.3f} ± {pct * self.dp_rms_err:5.3f} %",
             f"Same top p: {pct * self.same_top_p:6.3f} ± {pct * self.same_top_p_err:5.3f} %",
             "",
-            f"scored tokens: {self.n_tokens} in {self.n_chunks} chunks of {self.ctx}; "
-            f"sizes: base {self.base_size} B, quant {self.quant_size} B",
+            (
+                f"scored tokens: {self.n_tokens} in {self.n_chunks} chunks of {self.ctx}; "
+                f"sizes: base {self.base_size} B, quant {self.quant_size} B"
+            ),
         ]
         return "\n".join(lines)
 
@@ -574,8 +702,10 @@ def merge(stats: Sequence[ChunkStats]) -> EvalResult:
     s = sorted(stats, key=lambda c: c.chunk_start)
     ident = {(c.ctx, c.n_vocab, c.base_sha256, c.corpus_sha256, c.quant_sha256) for c in s}
     if len(ident) != 1:
-        raise EvaluationError(f"merge: chunk results come from different evaluations (ctx, vocab, base, corpus, quant): {sorted(map(str, ident))}")
-    for prev, cur in zip(s, s[1:]):
+        raise EvaluationError(
+            f"merge: chunk results come from different evaluations (ctx, vocab, base, corpus, quant): {sorted(map(str, ident))}"
+        )
+    for prev, cur in itertools.pairwise(s):
         if cur.chunk_start != prev.chunk_end:
             raise EvaluationError(
                 f"merge: chunk ranges [{prev.chunk_start}, {prev.chunk_end}) and [{cur.chunk_start}, {cur.chunk_end}) "
@@ -585,20 +715,34 @@ def merge(stats: Sequence[ChunkStats]) -> EvalResult:
     summary = summarize(values)
     c0 = s[0]
     return EvalResult(
-        **summary, n_chunks=s[-1].chunk_end - c0.chunk_start, ctx=c0.ctx,
-        base_size=c0.base_size, quant_size=c0.quant_size,
-        base_sha256=c0.base_sha256, quant_sha256=c0.quant_sha256, corpus_sha256=c0.corpus_sha256,
+        **summary,
+        n_chunks=s[-1].chunk_end - c0.chunk_start,
+        ctx=c0.ctx,
+        base_size=c0.base_size,
+        quant_size=c0.quant_size,
+        base_sha256=c0.base_sha256,
+        quant_sha256=c0.quant_sha256,
+        corpus_sha256=c0.corpus_sha256,
     )
 
 
 def evaluate(
-    base: Path, quant: Path, corpus: Path, *, ctx: int, chunks: int | None = None, workdir: Path | None = None,
-    settings: RunnerSettings = RunnerSettings(),
+    base: Path,
+    quant: Path,
+    corpus: Path,
+    *,
+    ctx: int,
+    chunks: int | None = None,
+    workdir: Path | None = None,
+    settings: RunnerSettings | None = None,
 ) -> EvalResult:
     """Everything in-process: base records (reused from `workdir` when present), the quant's
     evaluation and the summary. Raises EvaluationError."""
+    settings = settings or RunnerSettings()
     with tempfile.TemporaryDirectory(prefix="qatgguf-eval-") as tmp:
-        rec = compute_base_records(base, corpus, ctx=ctx, chunks=chunks, settings=settings, workdir=Path(workdir or tmp))
+        rec = compute_base_records(
+            base, corpus, ctx=ctx, chunks=chunks, settings=settings, workdir=Path(workdir or tmp)
+        )
         return merge([evaluate_chunks(quant, rec, settings=settings)])
 
 
@@ -612,7 +756,7 @@ def export_llamacpp(records: Sequence[Path], out: Path) -> Path:
     recs = sorted((BaseRecords(p) for p in records), key=lambda r: r.chunk_start)
     if not recs:
         raise EvaluationError("export_llamacpp: no records given")
-    for p, c in zip(recs, recs[1:]):
+    for p, c in itertools.pairwise(recs):
         if c.chunk_start != p.chunk_end or (c.ctx, c.n_vocab) != (p.ctx, p.n_vocab):
             raise EvaluationError(f"export_llamacpp: {c.path} does not continue {p.path}")
     ctx, nv_tok = recs[0].ctx, recs[0].n_vocab
@@ -624,14 +768,17 @@ def export_llamacpp(records: Sequence[Path], out: Path) -> Path:
     with open(tmp, "wb") as f:
         f.write(LLAMACPP_MAGIC + struct.pack("<Iii", ctx, nv_tok, n_chunk))
         for r in recs:
-            for i in range(r.chunk_start, r.chunk_end):
-                f.write(r.chunk_tokens(i).astype("<i4").tobytes())
+            f.writelines(
+                r.chunk_tokens(i).astype("<i4").tobytes() for i in range(r.chunk_start, r.chunk_end)
+            )
         for r in recs:
             for i in range(r.chunk_start, r.chunk_end):
                 q = r.chunk_rows(i)
                 row = np.zeros((len(q.scale), nv), dtype=np.uint16)
-                row[:, :4] = np.stack([q.scale, q.min_log_prob], axis=1).astype("<f4").view(np.uint16)
-                row[:, 4:4 + nv_tok] = q.q
+                row[:, :4] = (
+                    np.stack([q.scale, q.min_log_prob], axis=1).astype("<f4").view(np.uint16)
+                )
+                row[:, 4 : 4 + nv_tok] = q.q
                 f.write(row.tobytes())
     os.replace(tmp, out)
     return out

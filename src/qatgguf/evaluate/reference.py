@@ -17,9 +17,17 @@ from pathlib import Path
 from qatgguf.errors import EvaluationError
 
 SDIST_VERSION = "0.3.36"
-_CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=ON",
-                "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON")
+_CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DGGML_NATIVE=ON",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DLLAMA_BUILD_TOOLS=ON",
+)
 
 
 def tools_dir() -> Path:
@@ -48,13 +56,34 @@ def build_llama_perplexity(src: Path | None = None, *, jobs: int = 2) -> Path:
         src = sdist_dir / f"llama_cpp_python-{SDIST_VERSION}" / "vendor" / "llama.cpp"
         if not src.is_dir():
             sdist_dir.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["pip", "download", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={SDIST_VERSION}",
-                            "-d", str(sdist_dir)], check=True, capture_output=True)
-            subprocess.run(["tar", "xzf", f"llama_cpp_python-{SDIST_VERSION}.tar.gz"], cwd=sdist_dir, check=True)
+            subprocess.run(
+                [
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    f"llama-cpp-python=={SDIST_VERSION}",
+                    "-d",
+                    str(sdist_dir),
+                ],
+                check=True,
+                capture_output=True,
+            )
+            subprocess.run(
+                ["tar", "xzf", f"llama_cpp_python-{SDIST_VERSION}.tar.gz"],
+                cwd=sdist_dir,
+                check=True,
+            )
     build = root / "build"
-    subprocess.run(["cmake", "-S", str(src), "-B", str(build), *_CMAKE_FLAGS], check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(build), "--target", "llama-perplexity", "-j", str(jobs)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["cmake", "-S", str(src), "-B", str(build), *_CMAKE_FLAGS], check=True, capture_output=True
+    )
+    subprocess.run(
+        ["cmake", "--build", str(build), "--target", "llama-perplexity", "-j", str(jobs)],
+        check=True,
+        capture_output=True,
+    )
     return build / "bin" / "llama-perplexity"
 
 
@@ -95,7 +124,9 @@ def parse_kld_summary(text: str) -> dict[str, float]:
     for name, pat in _PATTERNS.items():
         m = re.search(pat, text)
         if not m:
-            raise EvaluationError(f"llama-perplexity output has no {name!r} line; tail:\n{text[-2000:]}")
+            raise EvaluationError(
+                f"llama-perplexity output has no {name!r} line; tail:\n{text[-2000:]}"
+            )
         scale = 0.01 if name in _PERCENT else 1.0
         out[name] = float(m.group(1)) * scale
         if m.lastindex and m.lastindex > 1:
@@ -103,16 +134,35 @@ def parse_kld_summary(text: str) -> dict[str, float]:
     return out
 
 
-def run_tool(tool: Path, args: list[str], *, must_contain: str, retries: int = 3, timeout: float = 1800) -> str:
+def run_tool(
+    tool: Path, args: list[str], *, must_contain: str, retries: int = 3, timeout: float = 1800
+) -> str:
     """Run the tool, return stdout+stderr; retry when `must_contain` is missing (lost log lines)."""
     text = ""
     for _ in range(retries):
-        p = subprocess.run([str(tool), *args], capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(
+            [str(tool), *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
         text = p.stdout + p.stderr
         if p.returncode == 0 and must_contain in text:
             return text
-    raise EvaluationError(f"{tool} {' '.join(args)}: no {must_contain!r} in its output after {retries} runs; tail:\n{text[-3000:]}")
+    raise EvaluationError(
+        f"{tool} {' '.join(args)}: no {must_contain!r} in its output after {retries} runs; tail:\n{text[-3000:]}"
+    )
 
 
 def common_args(*, ctx: int, batch: int, ubatch: int, flash_attn: str, threads: int) -> list[str]:
-    return ["-c", str(ctx), "-b", str(batch), "-ub", str(ubatch), "-fa", flash_attn, "-t", str(threads), "-tb", str(threads)]
+    return [
+        "-c",
+        str(ctx),
+        "-b",
+        str(batch),
+        "-ub",
+        str(ubatch),
+        "-fa",
+        flash_attn,
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+    ]

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 import numpy as np
 
@@ -41,12 +41,18 @@ class RunnerSettings:
 
     def __post_init__(self) -> None:
         if self.n_batch < 1 or self.n_ubatch < 1:
-            raise EvaluationError(f"n_batch and n_ubatch must be >= 1, got {self.n_batch}, {self.n_ubatch}")
+            raise EvaluationError(
+                f"n_batch and n_ubatch must be >= 1, got {self.n_batch}, {self.n_ubatch}"
+            )
         if self.flash_attn not in ("auto", "on", "off"):
-            raise EvaluationError(f"flash_attn must be 'auto', 'on' or 'off', got {self.flash_attn!r}")
+            raise EvaluationError(
+                f"flash_attn must be 'auto', 'on' or 'off', got {self.flash_attn!r}"
+            )
         for name in ("type_k", "type_v"):
             if getattr(self, name) not in _KV_TYPES:
-                raise EvaluationError(f"{name}={getattr(self, name)!r} is not one of {sorted(_KV_TYPES)}")
+                raise EvaluationError(
+                    f"{name}={getattr(self, name)!r} is not one of {sorted(_KV_TYPES)}"
+                )
 
     def logits_key(self) -> dict[str, object]:
         """The settings that can change logits: part of the base-record key."""
@@ -94,7 +100,7 @@ def read_corpus_text(corpus: Path) -> str:
     except OSError as exc:
         raise EvaluationError(f"{corpus}: cannot read the evaluation corpus: {exc}") from exc
     text = data.decode("utf-8", errors="replace")
-    return text[:-1] if text.endswith("\n") else text
+    return text.removesuffix("\n")
 
 
 class LogitsRunner:
@@ -104,15 +110,18 @@ class LogitsRunner:
     the scored positions `ctx/2 .. ctx-2` (they predict tokens `ctx/2+1 .. ctx-1`).
     """
 
-    def __init__(self, model: Path, *, ctx: int, settings: RunnerSettings = RunnerSettings()) -> None:
+    def __init__(self, model: Path, *, ctx: int, settings: RunnerSettings | None = None) -> None:
         import llama_cpp
 
         if ctx < 4:
-            raise EvaluationError(f"ctx={ctx} is too small: llama-perplexity scores the second half of each chunk")
+            raise EvaluationError(
+                f"ctx={ctx} is too small: llama-perplexity scores the second half of each chunk"
+            )
         self.path = Path(model)
         if not self.path.is_file():
             raise EvaluationError(f"{self.path}: GGUF file not found")
         self.ctx = ctx
+        settings = settings or RunnerSettings()
         self.settings = settings
         self.n_seq = settings.n_seq(ctx)
         _quiet_llama()
@@ -121,7 +130,9 @@ class LogitsRunner:
         mp.n_gpu_layers = settings.n_gpu_layers
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self._model:
-            raise EvaluationError(f"{self.path}: llama.cpp could not load this GGUF (run with -v for its log)")
+            raise EvaluationError(
+                f"{self.path}: llama.cpp could not load this GGUF (run with -v for its log)"
+            )
         self._ctx = None
         self._batch = None
         try:
@@ -130,10 +141,14 @@ class LogitsRunner:
             self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
             if llama_cpp.llama_vocab_get_add_eos(self._vocab):
                 # ref: perplexity.cpp GGML_ASSERT(!llama_vocab_get_add_eos(vocab))
-                raise EvaluationError(f"{self.path}: the vocab adds EOS to every text; llama-perplexity refuses such models")
+                raise EvaluationError(
+                    f"{self.path}: the vocab adds EOS to every text; llama-perplexity refuses such models"
+                )
             self.bos = int(llama_cpp.llama_vocab_bos(self._vocab))
             n_ctx_total = self.n_seq * ctx
-            self.n_batch = min(settings.n_batch, n_ctx_total)  # ref: llama_perplexity() params.n_batch = min(...)
+            self.n_batch = min(
+                settings.n_batch, n_ctx_total
+            )  # ref: llama_perplexity() params.n_batch = min(...)
             cp = llama_cpp.llama_context_default_params()
             cp.n_ctx = n_ctx_total
             cp.n_batch = self.n_batch
@@ -149,13 +164,15 @@ class LogitsRunner:
                 cp.n_threads_batch = settings.n_threads
             self._ctx = llama_cpp.llama_init_from_model(self._model, cp)
             if not self._ctx:
-                raise EvaluationError(f"{self.path}: llama.cpp could not create a context of {n_ctx_total} tokens")
+                raise EvaluationError(
+                    f"{self.path}: llama.cpp could not create a context of {n_ctx_total} tokens"
+                )
             self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         except BaseException:
             self.close()
             raise
 
-    def __enter__(self) -> LogitsRunner:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -213,7 +230,9 @@ class LogitsRunner:
         b.n_tokens = n
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
-            raise EvaluationError(f"{self.path}: llama_decode failed with code {rc} on a batch of {n} tokens")
+            raise EvaluationError(
+                f"{self.path}: llama_decode failed with code {rc} on a batch of {n} tokens"
+            )
         if n_out == 0:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         ptr = llama_cpp.llama_get_logits(self._ctx)
@@ -236,26 +255,28 @@ class LogitsRunner:
         while ids:
             group_start = ids[0] - ids[0] % self.n_seq
             group = [i for i in ids if i < group_start + self.n_seq]
-            ids = ids[len(group):]
+            ids = ids[len(group) :]
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
             chunk_toks = []
             for i in group:
                 t = np.array(chunks[i], dtype=np.int32)
                 if len(t) != ctx:
                     raise EvaluationError(f"chunk {i} has {len(t)} tokens, expected {ctx}")
-                if self.add_bos:  # ref: perplexity.cpp "add BOS token for the first batch of each chunk"
+                if (
+                    self.add_bos
+                ):  # ref: perplexity.cpp "add BOS token for the first batch of each chunk"
                     t[0] = self.bos
                 chunk_toks.append(t)
             if self.n_batch >= ctx:
                 out = self._decode([(t, 0, s) for s, t in enumerate(chunk_toks)], first)
                 per = ctx - first
                 for s, i in enumerate(group):
-                    yield i, out[s * per:s * per + n_scored]
+                    yield i, out[s * per : s * per + n_scored]
             else:
                 (t,) = chunk_toks  # n_seq is 1 when n_batch < ctx
                 parts = []
                 for j in range(0, ctx, self.n_batch):
-                    o = self._decode([(t[j:j + self.n_batch], j, 0)], first)
+                    o = self._decode([(t[j : j + self.n_batch], j, 0)], first)
                     if len(o):
                         parts.append(o.copy())
                 yield group[0], np.concatenate(parts)[:n_scored]

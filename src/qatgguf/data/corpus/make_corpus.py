@@ -23,23 +23,74 @@ from pathlib import Path
 
 # Reference chapters of the Python Language Reference, in this order (pydoc_data.topics keys).
 PROSE_TOPICS: tuple[str, ...] = (
-    "execmodel", "import", "naming", "compound", "assignment", "comparisons", "calls",
-    "try", "with", "function", "class", "exceptions", "customization", "attribute-access",
-    "typesmapping", "typesseq", "strings", "identifiers", "objects", "async", "raise",
-    "context-managers", "global", "booleans", "truth", "yield", "lambda", "while",
+    "execmodel",
+    "import",
+    "naming",
+    "compound",
+    "assignment",
+    "comparisons",
+    "calls",
+    "try",
+    "with",
+    "function",
+    "class",
+    "exceptions",
+    "customization",
+    "attribute-access",
+    "typesmapping",
+    "typesseq",
+    "strings",
+    "identifiers",
+    "objects",
+    "async",
+    "raise",
+    "context-managers",
+    "global",
+    "booleans",
+    "truth",
+    "yield",
+    "lambda",
+    "while",
 )
 # Pure-Python standard library modules used as code (whole files, comments and docstrings kept).
 CODE_MODULES: tuple[str, ...] = (
-    "textwrap", "heapq", "bisect", "colorsys", "graphlib", "shlex", "fractions",
-    "string", "fnmatch", "glob", "keyword", "queue", "sched", "statistics",
+    "textwrap",
+    "heapq",
+    "bisect",
+    "colorsys",
+    "graphlib",
+    "shlex",
+    "fractions",
+    "string",
+    "fnmatch",
+    "glob",
+    "keyword",
+    "queue",
+    "sched",
+    "statistics",
 )
 # Sphinx translations: (locale dir, language name used in chat turns).
 LANGUAGES: tuple[tuple[str, str], ...] = (
-    ("de", "German"), ("fr", "French"), ("es", "Spanish"), ("it", "Italian"),
-    ("pt_BR", "Brazilian Portuguese"), ("ru", "Russian"), ("ja", "Japanese"),
-    ("zh_CN", "Simplified Chinese"), ("ko", "Korean"), ("pl", "Polish"), ("nl", "Dutch"),
-    ("tr", "Turkish"), ("el", "Greek"), ("ar", "Arabic"), ("hi", "Hindi"), ("sv", "Swedish"),
-    ("cs", "Czech"), ("uk_UA", "Ukrainian"), ("vi", "Vietnamese"), ("he", "Hebrew"),
+    ("de", "German"),
+    ("fr", "French"),
+    ("es", "Spanish"),
+    ("it", "Italian"),
+    ("pt_BR", "Brazilian Portuguese"),
+    ("ru", "Russian"),
+    ("ja", "Japanese"),
+    ("zh_CN", "Simplified Chinese"),
+    ("ko", "Korean"),
+    ("pl", "Polish"),
+    ("nl", "Dutch"),
+    ("tr", "Turkish"),
+    ("el", "Greek"),
+    ("ar", "Arabic"),
+    ("hi", "Hindi"),
+    ("sv", "Swedish"),
+    ("cs", "Czech"),
+    ("uk_UA", "Ukrainian"),
+    ("vi", "Vietnamese"),
+    ("he", "Hebrew"),
 )
 BLOCK_CHARS = 3000  # interleave sources in blocks so every chunk range sees a mix
 TURN = "<|turn>{role}\n{text}<turn|>\n"  # ref: gemma-4-facts.md (Gemma 4 turn format)
@@ -50,7 +101,9 @@ def _po_unquote(lines: list[str]) -> str:
     for line in lines:
         s = line.strip()
         if s.startswith('"') and s.endswith('"'):
-            out.append(bytes(s[1:-1], "utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8"))
+            out.append(
+                bytes(s[1:-1], "utf-8").decode("unicode_escape").encode("latin-1").decode("utf-8")
+            )
     return "".join(out)
 
 
@@ -60,7 +113,7 @@ def read_po(text: str) -> list[tuple[str, str]]:
     for entry in re.split(r"\n\s*\n", text):
         if "msgid_plural" in entry or entry.lstrip().startswith("#~"):
             continue
-        m = re.search(r'^msgid (.*?)^msgstr (.*)', entry, flags=re.S | re.M)
+        m = re.search(r"^msgid (.*?)^msgstr (.*)", entry, flags=re.DOTALL | re.MULTILINE)
         if not m:
             continue
         msgid = _po_unquote(m.group(1).splitlines())
@@ -84,7 +137,7 @@ def _blocks(text: str) -> list[str]:
 
 
 def build(sphinx_wheel: Path) -> str:
-    import pydoc_data.topics as topics
+    from pydoc_data import topics
 
     prose = "".join(topics.topics[k].strip() + "\n\n" for k in PROSE_TOPICS)
     code = ""
@@ -126,7 +179,9 @@ def main() -> None:
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(a.out)
     data = a.out.read_bytes()
-    print(f"{a.out}: {len(data)} bytes, {len(text)} chars, sha256 {hashlib.sha256(data).hexdigest()}")
+    print(
+        f"{a.out}: {len(data)} bytes, {len(text)} chars, sha256 {hashlib.sha256(data).hexdigest()}"
+    )
 
 
 if __name__ == "__main__":
