@@ -20,6 +20,7 @@ from qatgguf.evaluate.records import (
     merge,
     plan_chunk_ranges,
     record_key,
+    stats_store_key,
 )
 from qatgguf.evaluate.runner import RunnerSettings
 
@@ -47,4 +48,5 @@ __all__ = [
     "merge",
     "plan_chunk_ranges",
     "record_key",
+    "stats_store_key",
 ]

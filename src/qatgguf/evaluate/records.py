@@ -92,6 +92,13 @@ class RecordKey:
         )
 
 
+def stats_store_key(key: RecordKey, quant_sha256: str) -> str:
+    """Artifact-store key of a quant's ChunkStats over the record `key` (a nightly run that
+    finds it has nothing to recompute for this quant and range)."""
+    rel = key.store_key().removeprefix("eval-base/").removesuffix(".qgkl")
+    return f"eval-stats/{quant_sha256}/{rel}.npz"
+
+
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
