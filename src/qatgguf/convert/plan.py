@@ -168,14 +168,16 @@ def _check_shape(file: str, hf_name: str, got: tuple[int, ...], want: tuple[int,
             "the config does not belong to these weights: fix config.json", file=file, tensor=hf_name)
 
 
-def plan_conversion(src: Path | str, *, recipe: Recipe | str) -> ConversionPlan:
+def plan_conversion(src: Path | str, *, recipe: Recipe | str,
+                    source_options: dict[str, Any] | None = None) -> ConversionPlan:
     """Plan the conversion of a checkpoint: a local directory, `hf://org/repo@rev` or
     `s3://bucket/prefix` (fetched to the local cache first). Reads config.json, the tokenizer
     and every shard header. Raises `CheckpointError` (and subclasses) naming the file and
-    tensor for bad input, `ConfigError` for a bad recipe."""
+    tensor for bad input, `ConfigError` for a bad recipe. `source_options` go to
+    `resolve_source` (`cache_dir`; for s3: `endpoint_url`, `credentials`, `region`)."""
     from qatgguf.convert.source import resolve_source
 
-    src = resolve_source(src).resolve()
+    src = resolve_source(src, **(source_options or {})).resolve()
     if not (src / "config.json").is_file():
         raise CheckpointError("config.json is missing; a checkpoint directory needs it",
                               file=str(src / "config.json"))

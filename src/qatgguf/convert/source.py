@@ -33,8 +33,10 @@ def parse_hf_url(url: str) -> tuple[str, str | None]:
     return repo, rev or None
 
 
-def resolve_source(src: str | Path, *, cache_dir: Path | None = None, **store_opts: Any) -> Path:
-    """Local directory holding the checkpoint named by `src`. Raises `CheckpointError`."""
+def resolve_source(src: str | Path, *, cache_dir: Path | None = None, hf_endpoint: str | None = None,
+                   hf_token: str | None = None, **store_opts: Any) -> Path:
+    """Local directory holding the checkpoint named by `src`. `store_opts` go to
+    `qatgguf.store.open_store` for s3:// sources. Raises `CheckpointError`."""
     text = str(src)
     if text.startswith("hf://"):
         from huggingface_hub import snapshot_download
@@ -42,10 +44,12 @@ def resolve_source(src: str | Path, *, cache_dir: Path | None = None, **store_op
         repo, rev = parse_hf_url(text)
         try:
             path = snapshot_download(repo_id=repo, revision=rev, allow_patterns=list(NEEDED_PATTERNS),
-                                     cache_dir=str(_cache_root(cache_dir) / "hf"))
+                                     cache_dir=str(_cache_root(cache_dir) / "hf"), endpoint=hf_endpoint,
+                                     token=hf_token)
         except Exception as exc:  # noqa: BLE001 - huggingface_hub raises many kinds
             # the exception text never carries the token; the type and message are enough
-            raise CheckpointError(f"cannot download from the Hub: {type(exc).__name__}: {exc}",
+            msg = str(exc).replace(hf_token, "***") if hf_token else str(exc)
+            raise CheckpointError(f"cannot download from the Hub: {type(exc).__name__}: {msg}",
                                   file=text) from None
         return Path(path)
     if text.startswith("s3://"):
