@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
+# The block kernels are fixed-size loops that LLVM unrolls completely; only its SLP
+# vectorizer (off in numba by default) turns the unrolled code into vector instructions
+# (Q4_0 2.5x faster). It changes no result: no fast-math flag is set, so every float
+# operation keeps its IEEE rounding. numba reads the variable when it is first imported;
+# the config write covers a numba imported earlier. An explicit NUMBA_SLP_VECTORIZE wins.
+if "NUMBA_SLP_VECTORIZE" not in os.environ:
+    os.environ["NUMBA_SLP_VECTORIZE"] = "1"
+    import numba.core.config
+
+    numba.core.config.SLP_VECTORIZE = 1
+
 from qatgguf.quant.api import dequantize, quantize, resolve_type
 
 __all__ = ["dequantize", "quantize", "resolve_type"]

@@ -14,8 +14,13 @@ from qatgguf.errors import BlockSizeError, NonFiniteError, QuantizationError, Un
 from qatgguf.quant.registry import KERNELS, _load_kernels, kernel_for, type_size
 
 # Rows are converted and quantized this many float32 elements at a time, so memory beyond
-# the output stays bounded (and the working set stays in cache) for any tensor length.
+# the output stays bounded for any tensor length.
 CHUNK_ELEMENTS = 1 << 20
+
+# Within a chunk, the NaN/Inf scan and the kernel take turns on pieces this large (a
+# multiple of every block size) so the kernel reads what the scan just pulled into L2
+# instead of a second pass over memory.
+PIECE_ELEMENTS = 1 << 16
 
 # The types llama-quantize falls back to when a row length does not fit the block size.
 # ref: llama-quant.cpp llama_tensor_get_type (the "fallback" switch)
@@ -108,19 +113,27 @@ def _chunks(nrows: int, n: int) -> list[tuple[int, int]]:
     return [(r, min(nrows, r + step)) for r in range(0, nrows, step)]
 
 
-def _as_f32_chunk(rows: np.ndarray, r0: int, r1: int, n: int, name: str | None) -> np.ndarray:
-    c = np.ascontiguousarray(rows[r0:r1], dtype=np.float32).reshape(-1)
+def _f32_chunk(rows: np.ndarray, r0: int, r1: int) -> np.ndarray:
+    return np.ascontiguousarray(rows[r0:r1], dtype=np.float32).reshape(-1)
+
+
+def _pieces(size: int) -> list[tuple[int, int]]:
+    return [(p, min(size, p + PIECE_ELEMENTS)) for p in range(0, size, PIECE_ELEMENTS)]
+
+
+def _check_finite(c: np.ndarray, offset: int, n: int, name: str | None) -> None:
+    """Raise NonFiniteError naming the first NaN/Inf of flat rows `c` (element `offset` of
+    the tensor's flat rows of length `n`)."""
     bad = _first_nonfinite(c.view(np.uint32))
-    if bad >= 0:
-        row = r0 + bad // n
-        col = bad % n
-        where = f"tensor {name!r}" if name else "tensor"
-        raise NonFiniteError(
-            f"{where} holds a non-finite value ({c[bad]}) in row {row}, column {col} "
-            f"(the first bad row); llama.cpp rejects rows with NaN or Inf. "
-            f"Fix: repair or re-export the checkpoint."
-        )
-    return c
+    if bad < 0:
+        return
+    flat = offset + bad
+    where = f"tensor {name!r}" if name else "tensor"
+    raise NonFiniteError(
+        f"{where} holds a non-finite value ({c[bad]}) in row {flat // n}, column {flat % n} "
+        f"(the first bad row); llama.cpp rejects rows with NaN or Inf. "
+        f"Fix: repair or re-export the checkpoint."
+    )
 
 
 def quantize(
@@ -146,10 +159,20 @@ def quantize(
     rows, n = _prepare(x, t, name)
     out = np.empty((*x.shape[:-1], n // kernel.block_size * kernel.type_size), dtype=np.uint8)
     out_rows = out.reshape(rows.shape[0], -1)
+    bs, ts = kernel.block_size, kernel.type_size
     if grid is None:
+        q = kernel.quantize_blocks
         for r0, r1 in _chunks(rows.shape[0], n):
-            c = _as_f32_chunk(rows, r0, r1, n, name)
-            kernel.quantize_blocks(c, out_rows[r0:r1].reshape(-1))
+            c = _f32_chunk(rows, r0, r1)
+            o = out_rows[r0:r1].reshape(-1)
+            if kernel.checks_finite:
+                if not q(c, o):
+                    _check_finite(c, r0 * n, n, name)
+                continue
+            for p0, p1 in _pieces(c.size):
+                piece = c[p0:p1]
+                _check_finite(piece, r0 * n + p0, n, name)
+                q(piece, o[p0 // bs * ts : p1 // bs * ts])
         return out
     if grid not in GRIDS:
         raise QuantizationError(f"unknown grid {grid!r}; supported: {', '.join(GRIDS)} or None")
@@ -157,8 +180,12 @@ def quantize(
 
     enc = GridEncoder(t, name=name)
     for r0, r1 in _chunks(rows.shape[0], n):
-        c = _as_f32_chunk(rows, r0, r1, n, name)
-        enc.encode(c, out_rows[r0:r1].reshape(-1))
+        c = _f32_chunk(rows, r0, r1)
+        o = out_rows[r0:r1].reshape(-1)
+        for p0, p1 in _pieces(c.size):
+            piece = c[p0:p1]
+            _check_finite(piece, r0 * n + p0, n, name)
+            enc.encode(piece, o[p0 // bs * ts : p1 // bs * ts])
     enc.finish(out_rows.reshape(-1))
     return out
 

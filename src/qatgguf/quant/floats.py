@@ -10,8 +10,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
-from qatgguf.quant._fp import fp16_to_fp32, fp32_to_bf16, fp32_to_fp16
+from qatgguf.quant._fp import fp16_to_fp32, fp32_to_bf16, fp32_to_fp16, imax
 from qatgguf.quant.registry import BlockQuant
+
+_ABS = np.uint32(0x7FFFFFFF)
+_EXP_ALL = np.uint32(0x7F800000)  # magnitude bits at or above: Inf or NaN
 
 
 @njit(cache=True, nogil=True)
@@ -30,11 +33,16 @@ class F32Type(BlockQuant, qtype=T.F32):
 
 
 @njit(cache=True, nogil=True)
-def _f16_quantize(x: np.ndarray, out: np.ndarray) -> None:
-    # ref: ggml.c ggml_fp32_to_fp16_row
+def _f16_quantize(x: np.ndarray, out: np.ndarray) -> bool:
+    # ref: ggml.c ggml_fp32_to_fp16_row; returns False when x holds NaN or Inf
     o = out.view(np.uint16)
+    xu = x.view(np.uint32)
+    seen = np.uint32(0)
     for i in range(x.size):
         o[i] = fp32_to_fp16(x[i])
+        a = xu[i] & _ABS
+        seen = imax(seen, a)
+    return seen < _EXP_ALL
 
 
 @njit(cache=True, nogil=True)
@@ -45,16 +53,22 @@ def _f16_dequantize(data: np.ndarray, y: np.ndarray) -> None:
 
 
 class F16Type(BlockQuant, qtype=T.F16):
+    checks_finite = True
     quantize_blocks = staticmethod(_f16_quantize)
     dequantize_blocks = staticmethod(_f16_dequantize)
 
 
 @njit(cache=True, nogil=True)
-def _bf16_quantize(x: np.ndarray, out: np.ndarray) -> None:
-    # ref: ggml.c ggml_fp32_to_bf16_row_ref
+def _bf16_quantize(x: np.ndarray, out: np.ndarray) -> bool:
+    # ref: ggml.c ggml_fp32_to_bf16_row_ref; returns False when x holds NaN or Inf
     o = out.view(np.uint16)
+    xu = x.view(np.uint32)
+    seen = np.uint32(0)
     for i in range(x.size):
         o[i] = fp32_to_bf16(x[i])
+        a = xu[i] & _ABS
+        seen = imax(seen, a)
+    return seen < _EXP_ALL
 
 
 @njit(cache=True, nogil=True)
@@ -66,5 +80,6 @@ def _bf16_dequantize(data: np.ndarray, y: np.ndarray) -> None:
 
 
 class BF16Type(BlockQuant, qtype=T.BF16):
+    checks_finite = True
     quantize_blocks = staticmethod(_bf16_quantize)
     dequantize_blocks = staticmethod(_bf16_dequantize)

@@ -15,11 +15,23 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
-from qatgguf.quant._fp import F32, cvtt_i32, fp16_to_fp32, fp32_to_fp16, imin, roundf, to_i8
+from qatgguf.quant._fp import (
+    F32,
+    bits_f32,
+    cvtt_i32,
+    fp16_to_fp32,
+    fp32_to_fp16,
+    imax,
+    imin,
+    roundf,
+    to_i8,
+)
 from qatgguf.quant.registry import BlockQuant
 
 _F32_MAX = F32(np.finfo(np.float32).max)
 _INF = F32(np.inf)
+_ABS = np.uint32(0x7FFFFFFF)
+_EXP_ALL = np.uint32(0x7F800000)  # magnitude bits at or above: Inf or NaN
 
 
 @njit(cache=True, nogil=True)
@@ -36,18 +48,33 @@ def _get_f16(data: np.ndarray, o: int) -> float:
 # ---------------------------------------------------------------- Q4_0
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _first_with_bits(xu: np.ndarray, b: int, m: np.uint32) -> int:
+    # index of the first element of the block at b whose magnitude bits are m (one exists)
+    j = 0
+    while (xu[b + j] & _ABS) != m:
+        j += 1
+    return j
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
-def _q4_0_blocks(x: np.ndarray, out: np.ndarray, i0: int, i1: int) -> None:
-    # ref: ggml-quants.c quantize_row_q4_0_ref (blocks i0..i1-1)
+def _q4_0_blocks(x: np.ndarray, out: np.ndarray, i0: int, i1: int) -> bool:
+    # ref: ggml-quants.c quantize_row_q4_0_ref (blocks i0..i1-1). The C loop keeps the
+    # first element of largest |x|; for finite floats the magnitude order is the integer
+    # order of the bits without the sign, so an integer max (vectorized) finds |max| and a
+    # short scan its first position. Returns False when a block holds NaN or Inf.
+    xu = x.view(np.uint32)
+    seen = np.uint32(0)
     for i in range(i0, i1):
         b = i * 32
-        amax = F32(0.0)
-        mx = F32(0.0)
+        m = np.uint32(0)
         for j in range(32):
-            v = x[b + j]
-            if amax < abs(v):
-                amax = abs(v)
-                mx = v
+            a = xu[b + j] & _ABS
+            m = imax(m, a)
+        seen = imax(seen, m)
+        mx = F32(0.0)
+        if m != np.uint32(0):
+            mx = x[b + _first_with_bits(xu, b, m)]
         d = mx / F32(-8.0)
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         o = i * 18
@@ -65,11 +92,12 @@ def _q4_0_blocks(x: np.ndarray, out: np.ndarray, i0: int, i1: int) -> None:
                 xi0 = min(15, to_i8(cvtt_i32(x[b + j] * inv + F32(8.5)))) & 0xFF
                 xi1 = min(15, to_i8(cvtt_i32(x[b + 16 + j] * inv + F32(8.5)))) & 0xFF
                 out[o + 2 + j] = (xi0 | (xi1 << 4)) & 0xFF
+    return seen < _EXP_ALL
 
 
 @njit(cache=True, nogil=True)
-def _q4_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
-    _q4_0_blocks(x, out, 0, x.size // 32)
+def _q4_0_quantize(x: np.ndarray, out: np.ndarray) -> bool:
+    return _q4_0_blocks(x, out, 0, x.size // 32)
 
 
 @njit(cache=True, nogil=True)
@@ -86,6 +114,7 @@ def _q4_0_dequantize(data: np.ndarray, y: np.ndarray) -> None:
 
 
 class Q4_0(BlockQuant, qtype=T.Q4_0):
+    checks_finite = True
     quantize_blocks = staticmethod(_q4_0_quantize)
     dequantize_blocks = staticmethod(_q4_0_dequantize)
 
@@ -94,9 +123,11 @@ class Q4_0(BlockQuant, qtype=T.Q4_0):
 
 
 @njit(cache=True, nogil=True)
-def _q4_1_quantize(x: np.ndarray, out: np.ndarray) -> None:
-    # ref: ggml-quants.c quantize_row_q4_1_ref
+def _q4_1_quantize(x: np.ndarray, out: np.ndarray) -> bool:
+    # ref: ggml-quants.c quantize_row_q4_1_ref; returns False when x holds NaN or Inf
     nb = x.size // 32
+    xu = x.view(np.uint32)
+    seen = np.uint32(0)
     for i in range(nb):
         b = i * 32
         mn = _F32_MAX
@@ -105,6 +136,8 @@ def _q4_1_quantize(x: np.ndarray, out: np.ndarray) -> None:
             v = x[b + j]
             mn = min(mn, v)
             mx = max(mx, v)
+            a = xu[b + j] & _ABS
+            seen = imax(seen, a)
         d = (mx - mn) / F32(15.0)
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         o = i * 20
@@ -120,6 +153,7 @@ def _q4_1_quantize(x: np.ndarray, out: np.ndarray) -> None:
                 xi0 = min(15, to_i8(cvtt_i32((x[b + j] - mn) * inv + F32(0.5)))) & 0xFF
                 xi1 = min(15, to_i8(cvtt_i32((x[b + 16 + j] - mn) * inv + F32(0.5)))) & 0xFF
                 out[o + 4 + j] = (xi0 | (xi1 << 4)) & 0xFF
+    return seen < _EXP_ALL
 
 
 @njit(cache=True, nogil=True)
@@ -137,6 +171,7 @@ def _q4_1_dequantize(data: np.ndarray, y: np.ndarray) -> None:
 
 
 class Q4_1(BlockQuant, qtype=T.Q4_1):
+    checks_finite = True
     quantize_blocks = staticmethod(_q4_1_quantize)
     dequantize_blocks = staticmethod(_q4_1_dequantize)
 
@@ -145,18 +180,22 @@ class Q4_1(BlockQuant, qtype=T.Q4_1):
 
 
 @njit(cache=True, nogil=True)
-def _q5_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
-    # ref: ggml-quants.c quantize_row_q5_0_ref
+def _q5_0_quantize(x: np.ndarray, out: np.ndarray) -> bool:
+    # ref: ggml-quants.c quantize_row_q5_0_ref; first largest |x| found as in Q4_0;
+    # returns False when x holds NaN or Inf
     nb = x.size // 32
+    xu = x.view(np.uint32)
+    seen = np.uint32(0)
     for i in range(nb):
         b = i * 32
-        amax = F32(0.0)
-        mx = F32(0.0)
+        m = np.uint32(0)
         for j in range(32):
-            v = x[b + j]
-            if amax < abs(v):
-                amax = abs(v)
-                mx = v
+            a = xu[b + j] & _ABS
+            m = imax(m, a)
+        seen = imax(seen, m)
+        mx = F32(0.0)
+        if m != np.uint32(0):
+            mx = x[b + _first_with_bits(xu, b, m)]
         d = mx / F32(-16.0)
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         o = i * 22
@@ -175,6 +214,7 @@ def _q5_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
             qh |= np.uint32((xi1 & 0x10) >> 4) << np.uint32(j + 16)
         for k in range(4):
             out[o + 2 + k] = (qh >> np.uint32(8 * k)) & np.uint32(0xFF)
+    return seen < _EXP_ALL
 
 
 @njit(cache=True, nogil=True)
@@ -204,6 +244,7 @@ def _q5_0_dequantize(data: np.ndarray, y: np.ndarray) -> None:
 
 
 class Q5_0(BlockQuant, qtype=T.Q5_0):
+    checks_finite = True
     quantize_blocks = staticmethod(_q5_0_quantize)
     dequantize_blocks = staticmethod(_q5_0_dequantize)
 
@@ -212,9 +253,11 @@ class Q5_0(BlockQuant, qtype=T.Q5_0):
 
 
 @njit(cache=True, nogil=True)
-def _q5_1_quantize(x: np.ndarray, out: np.ndarray) -> None:
-    # ref: ggml-quants.c quantize_row_q5_1_ref
+def _q5_1_quantize(x: np.ndarray, out: np.ndarray) -> bool:
+    # ref: ggml-quants.c quantize_row_q5_1_ref; returns False when x holds NaN or Inf
     nb = x.size // 32
+    xu = x.view(np.uint32)
+    seen = np.uint32(0)
     for i in range(nb):
         b = i * 32
         mn = _F32_MAX
@@ -223,6 +266,8 @@ def _q5_1_quantize(x: np.ndarray, out: np.ndarray) -> None:
             v = x[b + j]
             mn = min(mn, v)
             mx = max(mx, v)
+            a = xu[b + j] & _ABS
+            seen = imax(seen, a)
         d = (mx - mn) / F32(31.0)
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         o = i * 24
@@ -243,6 +288,7 @@ def _q5_1_quantize(x: np.ndarray, out: np.ndarray) -> None:
             qh |= np.uint32((xi1 & 0x10) >> 4) << np.uint32(j + 16)
         for k in range(4):
             out[o + 4 + k] = (qh >> np.uint32(8 * k)) & np.uint32(0xFF)
+    return seen < _EXP_ALL
 
 
 @njit(cache=True, nogil=True)
@@ -263,6 +309,7 @@ def _q5_1_dequantize(data: np.ndarray, y: np.ndarray) -> None:
 
 
 class Q5_1(BlockQuant, qtype=T.Q5_1):
+    checks_finite = True
     quantize_blocks = staticmethod(_q5_1_quantize)
     dequantize_blocks = staticmethod(_q5_1_dequantize)
 
@@ -271,15 +318,20 @@ class Q5_1(BlockQuant, qtype=T.Q5_1):
 
 
 @njit(cache=True, nogil=True)
-def _q8_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
-    # ref: ggml-quants.c quantize_row_q8_0_ref
+def _q8_0_quantize(x: np.ndarray, out: np.ndarray) -> bool:
+    # ref: ggml-quants.c quantize_row_q8_0_ref. amax = MAX(amax, |x|) is, for finite
+    # floats, the integer max of the magnitude bits; returns False when x holds NaN or Inf
     nb = x.size // 32
+    xu = x.view(np.uint32)
+    seen = np.uint32(0)
     for i in range(nb):
         b = i * 32
-        amax = F32(0.0)
+        m = np.uint32(0)
         for j in range(32):
-            av = abs(x[b + j])
-            amax = max(av, amax)  # MAX(a, b) = a > b ? a : b
+            a = xu[b + j] & _ABS
+            m = imax(m, a)
+        seen = imax(seen, m)
+        amax = bits_f32(np.uint32(m))
         d = amax / F32(127.0)
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         o = i * 34
@@ -290,6 +342,7 @@ def _q8_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
         else:
             for j in range(32):
                 out[o + 2 + j] = cvtt_i32(roundf(x[b + j] * inv)) & 0xFF
+    return seen < _EXP_ALL
 
 
 @njit(cache=True, nogil=True)
@@ -304,5 +357,6 @@ def _q8_0_dequantize(data: np.ndarray, y: np.ndarray) -> None:
 
 
 class Q8_0(BlockQuant, qtype=T.Q8_0):
+    checks_finite = True
     quantize_blocks = staticmethod(_q8_0_quantize)
     dequantize_blocks = staticmethod(_q8_0_dequantize)

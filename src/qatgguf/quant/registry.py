@@ -70,9 +70,14 @@ def type_size(qtype: T) -> tuple[int, int]:
 class BlockQuant:
     """A GGML block format: `quantize_blocks(x_f32_flat, out_u8_flat)` and
     `dequantize_blocks(data_u8_flat, out_f32_flat)`, both numba kernels that work on whole
-    blocks laid out back to back (rows do not matter to any block format)."""
+    blocks laid out back to back (rows do not matter to any block format).
+
+    A kernel with `checks_finite = True` returns False when its input holds a NaN or Inf
+    (found on the way, at no extra pass); the caller then locates it. Other kernels see
+    input that was scanned before them."""
 
     qtype: ClassVar[T]
+    checks_finite: ClassVar[bool] = False
     block_size: ClassVar[int]
     type_size: ClassVar[int]
     quantize_blocks: ClassVar[KernelQ]

@@ -9,11 +9,13 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
-from qatgguf.quant._fp import F32, fp16_to_fp32, fp32_to_fp16, roundf
+from qatgguf.quant._fp import F32, bits_f32, fp16_to_fp32, fp32_to_fp16, imax, roundf
 from qatgguf.quant.registry import BlockQuant
 
 _INF = F32(np.inf)
 _LONG_LIMIT = F32(2.0**63)
+_ABS = np.uint32(0x7FFFFFFF)
+_EXP_ALL = np.uint32(0x7F800000)  # magnitude bits at or above: Inf or NaN
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -25,16 +27,21 @@ def _lroundf(v: float) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _tq2_0_blocks(x: np.ndarray, out: np.ndarray, i0: int, i1: int) -> None:
-    # ref: ggml-quants.c quantize_row_tq2_0_ref (blocks i0..i1-1)
+def _tq2_0_blocks(x: np.ndarray, out: np.ndarray, i0: int, i1: int) -> bool:
+    # ref: ggml-quants.c quantize_row_tq2_0_ref (blocks i0..i1-1). amax = MAX(|x|, amax)
+    # is, for finite floats, the integer max of the magnitude bits; returns False when a
+    # block holds NaN or Inf
+    xu = x.view(np.uint32)
+    seen = np.uint32(0)
     for i in range(i0, i1):
         xb = i * 256
         o = i * 66
-        amax = F32(0.0)
+        mb = np.uint32(0)
         for j in range(256):
-            av = abs(x[xb + j])
-            amax = max(av, amax)
-        d = amax
+            a = xu[xb + j] & _ABS
+            mb = imax(mb, a)
+        seen = imax(seen, mb)
+        d = bits_f32(np.uint32(mb))
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         h = fp32_to_fp16(d)
         out[o + 64] = h & 0xFF
@@ -52,11 +59,12 @@ def _tq2_0_blocks(x: np.ndarray, out: np.ndarray, i0: int, i1: int) -> None:
                         xi = _lroundf(v) + 1
                     q += (xi & 3) << (2 * n)
                 out[o + 32 * j + m] = q & 0xFF
+    return seen < _EXP_ALL
 
 
 @njit(cache=True, nogil=True)
-def _tq2_0_quantize(x: np.ndarray, out: np.ndarray) -> None:
-    _tq2_0_blocks(x, out, 0, x.size // 256)
+def _tq2_0_quantize(x: np.ndarray, out: np.ndarray) -> bool:
+    return _tq2_0_blocks(x, out, 0, x.size // 256)
 
 
 @njit(cache=True, nogil=True)
@@ -74,5 +82,6 @@ def _tq2_0_dequantize(data: np.ndarray, y: np.ndarray) -> None:
 
 
 class TQ2_0(BlockQuant, qtype=T.TQ2_0):
+    checks_finite = True
     quantize_blocks = staticmethod(_tq2_0_quantize)
     dequantize_blocks = staticmethod(_tq2_0_dequantize)
