@@ -108,6 +108,19 @@ def nearest_int(fval: float) -> int:
     return (i & np.int32(0x007FFFFF)) - np.int32(0x00400000)
 
 
+_TWO_23 = F32(8388608.0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def floor_small(y: float) -> int:
+    """floor(y) as int32 for 0 <= y < 2**23 (equal to C's truncating cast there).
+
+    Read off the bits of floor(y) + 2**23, whose low mantissa bits hold the integer:
+    LLVM vectorizes floor and this bit read, while numba's float-to-int cast stays scalar.
+    """
+    return np.int32(f32_bits(np.floor(y) + _TWO_23) - np.uint32(0x4B000000))
+
+
 @njit(cache=True, nogil=True, inline="always")
 def cvtt_i32(v: float) -> int:
     """C float -> int conversion as x86 `cvttss2si` does it: truncation, and

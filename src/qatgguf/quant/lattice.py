@@ -314,7 +314,16 @@ class GridEncoder:
         alt = np.empty(nb, np.uint16)
         hist = np.zeros(_H_SIZE, np.int64)
         _grid_blocks(
-            x, out, alt, hist, self.block, self.type_size, self.kmin, self.kmax, self.mtop, self.doff
+            x,
+            out,
+            alt,
+            hist,
+            self.block,
+            self.type_size,
+            self.kmin,
+            self.kmax,
+            self.mtop,
+            self.doff,
         )
         self.stats.add(nb, hist)
         if hist[_H_BF16]:
@@ -325,7 +334,9 @@ class GridEncoder:
         """Write the scales of all grid blocks into `out` (the whole tensor, flat)."""
         if self.stats.scale_rounding() == "bf16":
             for pos, alt in self._parts:
-                _apply_bf16(out[pos : pos + alt.size * self.type_size], alt, self.type_size, self.doff)
+                _apply_bf16(
+                    out[pos : pos + alt.size * self.type_size], alt, self.type_size, self.doff
+                )
         self._parts.clear()
         return self.stats
 

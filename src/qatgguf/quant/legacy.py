@@ -19,6 +19,7 @@ from qatgguf.quant._fp import (
     F32,
     bits_f32,
     cvtt_i32,
+    floor_small,
     fp16_to_fp32,
     fp32_to_fp16,
     imax,
@@ -84,8 +85,8 @@ def _q4_0_blocks(x: np.ndarray, out: np.ndarray, i0: int, i1: int) -> bool:
         if abs(inv) < _INF:
             for j in range(16):
                 # x*id lies in [-8, 8] here, so the int8 cast is a plain floor of x*id + 8.5
-                xi0 = imin(np.int32(15), np.int32(x[b + j] * inv + F32(8.5)))
-                xi1 = imin(np.int32(15), np.int32(x[b + 16 + j] * inv + F32(8.5)))
+                xi0 = imin(np.int32(15), floor_small(x[b + j] * inv + F32(8.5)))
+                xi1 = imin(np.int32(15), floor_small(x[b + 16 + j] * inv + F32(8.5)))
                 out[o + 2 + j] = np.uint8(xi0 | (xi1 << np.int32(4)))
         else:
             for j in range(16):
@@ -119,6 +120,29 @@ class Q4_0(BlockQuant, qtype=T.Q4_0):
     dequantize_blocks = staticmethod(_q4_0_dequantize)
 
 
+@njit(cache=True, nogil=True)
+def _min_max_values(x: np.ndarray, b: int, kmn: np.int32, kmx: np.int32) -> tuple[float, float]:
+    """(min, max) of the 32-block at b, as C's `if (v < min) min = v; if (v > max) max = v;`
+    from FLT_MAX / -FLT_MAX finds them, from the smallest and largest order key.
+
+    Float order is the signed-integer order of the key `bits ^ (sign ? 0x7FFFFFFF : 0)`,
+    whose min/max vectorize. The one difference is zero: C keeps the first zero it meets
+    (+0 and -0 compare equal), the key order puts -0 below +0, so a zero is re-read from
+    the block.
+    """
+    mn = bits_f32(np.uint32(kmn ^ ((kmn >> np.int32(31)) & np.int32(0x7FFFFFFF))))
+    mx = bits_f32(np.uint32(kmx ^ ((kmx >> np.int32(31)) & np.int32(0x7FFFFFFF))))
+    if mn == F32(0.0) or mx == F32(0.0):
+        j = 0
+        while x[b + j] != F32(0.0):
+            j += 1
+        if mn == F32(0.0):
+            mn = x[b + j]
+        if mx == F32(0.0):
+            mx = x[b + j]
+    return mn, mx
+
+
 # ---------------------------------------------------------------- Q4_1
 
 
@@ -127,17 +151,19 @@ def _q4_1_quantize(x: np.ndarray, out: np.ndarray) -> bool:
     # ref: ggml-quants.c quantize_row_q4_1_ref; returns False when x holds NaN or Inf
     nb = x.size // 32
     xu = x.view(np.uint32)
-    seen = np.uint32(0)
+    bad = False
     for i in range(nb):
         b = i * 32
-        mn = _F32_MAX
-        mx = -_F32_MAX
+        kmn = np.int32(0x7FFFFFFF)
+        kmx = np.int32(-0x7FFFFFFF - 1)
         for j in range(32):
-            v = x[b + j]
-            mn = min(mn, v)
-            mx = max(mx, v)
-            a = xu[b + j] & _ABS
-            seen = imax(seen, a)
+            u = xu[b + j]
+            k = np.int32(u) ^ ((np.int32(u) >> np.int32(31)) & np.int32(0x7FFFFFFF))
+            kmn = imin(kmn, k)
+            kmx = imax(kmx, k)
+        # keys beyond those of +Inf / -Inf: NaN or Inf in the block
+        bad |= kmx >= np.int32(0x7F800000) or kmn <= np.int32(-0x7F800001)
+        mn, mx = _min_max_values(x, b, kmn, kmx)
         d = (mx - mn) / F32(15.0)
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         o = i * 20
@@ -145,15 +171,16 @@ def _q4_1_quantize(x: np.ndarray, out: np.ndarray) -> bool:
         _put_f16(out, o + 2, fp32_to_fp16(mn))
         if abs(inv) < _INF and abs(d) < _INF:
             for j in range(16):
-                xi0 = min(15, np.int32((x[b + j] - mn) * inv + F32(0.5)))
-                xi1 = min(15, np.int32((x[b + 16 + j] - mn) * inv + F32(0.5)))
+                # (x - min)*id lies in [0, 15] here: the cast is a floor
+                xi0 = imin(np.int32(15), floor_small((x[b + j] - mn) * inv + F32(0.5)))
+                xi1 = imin(np.int32(15), floor_small((x[b + 16 + j] - mn) * inv + F32(0.5)))
                 out[o + 4 + j] = xi0 | (xi1 << 4)
         else:
             for j in range(16):
                 xi0 = min(15, to_i8(cvtt_i32((x[b + j] - mn) * inv + F32(0.5)))) & 0xFF
                 xi1 = min(15, to_i8(cvtt_i32((x[b + 16 + j] - mn) * inv + F32(0.5)))) & 0xFF
                 out[o + 4 + j] = (xi0 | (xi1 << 4)) & 0xFF
-    return seen < _EXP_ALL
+    return not bad
 
 
 @njit(cache=True, nogil=True)
@@ -204,8 +231,8 @@ def _q5_0_quantize(x: np.ndarray, out: np.ndarray) -> bool:
         fast = abs(inv) < _INF
         for j in range(16):
             if fast:
-                xi0 = min(31, np.int32(x[b + j] * inv + F32(16.5)))
-                xi1 = min(31, np.int32(x[b + 16 + j] * inv + F32(16.5)))
+                xi0 = imin(np.int32(31), floor_small(x[b + j] * inv + F32(16.5)))
+                xi1 = imin(np.int32(31), floor_small(x[b + 16 + j] * inv + F32(16.5)))
             else:
                 xi0 = min(31, to_i8(cvtt_i32(x[b + j] * inv + F32(16.5)))) & 0xFF
                 xi1 = min(31, to_i8(cvtt_i32(x[b + 16 + j] * inv + F32(16.5)))) & 0xFF
@@ -257,17 +284,19 @@ def _q5_1_quantize(x: np.ndarray, out: np.ndarray) -> bool:
     # ref: ggml-quants.c quantize_row_q5_1_ref; returns False when x holds NaN or Inf
     nb = x.size // 32
     xu = x.view(np.uint32)
-    seen = np.uint32(0)
+    bad = False
     for i in range(nb):
         b = i * 32
-        mn = _F32_MAX
-        mx = -_F32_MAX
+        kmn = np.int32(0x7FFFFFFF)
+        kmx = np.int32(-0x7FFFFFFF - 1)
         for j in range(32):
-            v = x[b + j]
-            mn = min(mn, v)
-            mx = max(mx, v)
-            a = xu[b + j] & _ABS
-            seen = imax(seen, a)
+            u = xu[b + j]
+            k = np.int32(u) ^ ((np.int32(u) >> np.int32(31)) & np.int32(0x7FFFFFFF))
+            kmn = imin(kmn, k)
+            kmx = imax(kmx, k)
+        # keys beyond those of +Inf / -Inf: NaN or Inf in the block
+        bad |= kmx >= np.int32(0x7F800000) or kmn <= np.int32(-0x7F800001)
+        mn, mx = _min_max_values(x, b, kmn, kmx)
         d = (mx - mn) / F32(31.0)
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         o = i * 24
@@ -278,8 +307,8 @@ def _q5_1_quantize(x: np.ndarray, out: np.ndarray) -> bool:
         for j in range(16):
             # (uint8_t)(x0 + 0.5f): no clamp in the C code, only the low byte survives
             if fast:
-                xi0 = np.int32((x[b + j] - mn) * inv + F32(0.5)) & 0xFF
-                xi1 = np.int32((x[b + 16 + j] - mn) * inv + F32(0.5)) & 0xFF
+                xi0 = floor_small((x[b + j] - mn) * inv + F32(0.5)) & 0xFF
+                xi1 = floor_small((x[b + 16 + j] - mn) * inv + F32(0.5)) & 0xFF
             else:
                 xi0 = cvtt_i32((x[b + j] - mn) * inv + F32(0.5)) & 0xFF
                 xi1 = cvtt_i32((x[b + 16 + j] - mn) * inv + F32(0.5)) & 0xFF
@@ -288,7 +317,7 @@ def _q5_1_quantize(x: np.ndarray, out: np.ndarray) -> bool:
             qh |= np.uint32((xi1 & 0x10) >> 4) << np.uint32(j + 16)
         for k in range(4):
             out[o + 4 + k] = (qh >> np.uint32(8 * k)) & np.uint32(0xFF)
-    return seen < _EXP_ALL
+    return not bad
 
 
 @njit(cache=True, nogil=True)
