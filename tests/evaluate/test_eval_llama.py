@@ -22,7 +22,7 @@ from qatgguf.evaluate import (
     merge,
     plan_chunk_ranges,
 )
-from qatgguf.evaluate.records import BaseRecords
+from qatgguf.evaluate.records import BaseRecords, sha256_file
 
 pytest.importorskip("llama_cpp")
 
@@ -58,6 +58,9 @@ def test_shipped_corpus_is_large_enough() -> None:
 def test_matches_recorded_llama_perplexity(golden: Path, tmp_path: Path) -> None:
     g = json.loads(golden.read_text(encoding="utf-8"))
     quant = MODELS / g["quant_file"]
+    # the golden numbers belong to these exact files (re-record with make_golden.py after a change)
+    assert sha256_file(BASE) == g["sha256"]["base"] and sha256_file(quant) == g["sha256"]["quant"]
+    assert sha256_file(default_corpus()) == g["sha256"]["corpus"]
     r = evaluate(
         BASE,
         quant,
