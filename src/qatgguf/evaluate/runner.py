@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,13 @@ import numpy as np
 from qatgguf.errors import EvaluationError
 
 log = logging.getLogger(__name__)
+
+# llama-cpp-python's ggml is built with OpenMP. Under libgomp's default wait policy, two
+# threads on a busy two-core host spin against each other: the KLD pass measured 10-25x
+# slower with n_threads=2 than with OMP_WAIT_POLICY=passive (0.7 s, on par with
+# llama-perplexity -t 2). libgomp reads this once, when llama_cpp is first imported, so it
+# is set here, before any import of llama_cpp; a caller's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 FlashAttn = Literal["auto", "on", "off"]
 _KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "bf16": 30}
