@@ -167,3 +167,66 @@ def read_manifest(part: Path) -> dict:
             raise CheckpointError("not a part file (bad footer); convert the shard again", file=str(part))
         fh.seek(size - 16 - n)
         return json.loads(fh.read(n))
+
+
+def write_direct(plan: ConversionPlan, out: Path, *, split_max_size: int | None = None) -> list[Path]:
+    """Convert every shard job straight into the GGUF file(s), in plan order (shard by shard,
+    one tensor block at a time): the single-process path, with no part files. Written under
+    temporary names and renamed when complete."""
+    from qatgguf.gguf.writer import GGUFFileWriter, shard_paths, split_kvs, split_tensors
+
+    infos = plan.tensor_infos()
+    groups = split_tensors(infos, split_max_size)
+    paths = shard_paths(out, len(groups))
+    tmps = [p.with_name(f".{p.name}.tmp{os.getpid()}") for p in paths]
+    file_of = {ti.name: gi for gi, g in enumerate(groups) for ti in g}
+    jobs = {t.gguf_name: (sj, t) for sj in plan.shards for t in sj.tensors}
+    fds: dict[str, int] = {}
+    writers: list[GGUFFileWriter] = []
+    handles = []
+    try:
+        for i, (g, tmp) in enumerate(zip(groups, tmps)):
+            if len(groups) == 1:
+                kvs = list(plan.kvs)
+            else:
+                kvs = (list(plan.kvs) if i == 0 else []) + split_kvs(i, len(groups), len(infos))
+            fh = open(tmp, "wb")
+            handles.append(fh)
+            w = GGUFFileWriter(fh, kvs, g)
+            w.write_header()
+            writers.append(w)
+        for sj in plan.shards:  # checked once per shard, as convert_shard does
+            if sj.file is not None:
+                header = read_header(Path(plan.src) / sj.file)
+                if header.file_size != sj.size:
+                    raise CheckpointError(f"file is {header.file_size} bytes, the plan saw {sj.size}; the "
+                                          "shard changed after planning: plan again", file=header.path)
+                fds[sj.file] = os.open(header.path, os.O_RDONLY)
+                jobs.update({t.gguf_name: (sj, t, header.tensors.get(t.hf_name)) for t in sj.tensors})
+        for name in plan.order:
+            sj, job, *entry = jobs[name]
+            e = entry[0] if entry else None
+            if job.hf_name is not None and (e is None or e.shape != job.src_shape or e.dtype != job.src_dtype):
+                raise CheckpointError("tensor missing or changed since planning: plan again",
+                                      file=str(Path(plan.src) / sj.file), tensor=job.hf_name)
+            w = writers[file_of[name]]
+            w.begin_tensor(name)
+            fd = fds.get(sj.file) if sj.file else None
+            for chunk in _tensor_chunks(job, fd, e, str(Path(plan.src) / sj.file) if sj.file else "<generated>"):
+                w.write(chunk)
+        for w in writers:
+            w.finish()
+        for fh in handles:
+            fh.close()
+        for tmp, p in zip(tmps, paths):
+            os.replace(tmp, p)
+    except BaseException:
+        for fh in handles:
+            fh.close()
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return paths
