@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import sys
 
@@ -29,8 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for _name, module in COMMANDS:
-        if importlib.util.find_spec(f"qatgguf.commands.{module}") is None:  # TEMP until all land
-            continue
         mod = importlib.import_module(f"qatgguf.commands.{module}")
         mod.add_parser(sub)
     return parser
