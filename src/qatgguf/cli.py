@@ -23,7 +23,10 @@ COMMANDS: tuple[tuple[str, str], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qatgguf", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="qatgguf",
+        description="QAT checkpoints to GGUF files that run in llama.cpp: convert, quantize, evaluate, release.",
+    )
     parser.add_argument("--version", action="version", version=f"qatgguf {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
