@@ -9,6 +9,8 @@ recipes overlap on the Ray cluster; futures carry only URIs, digests and metric 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import wait
@@ -21,8 +23,6 @@ from tasks import release as t
 
 def load_config(config: str) -> ReleaseConfig:
     """A path to a release config, or the name of a built-in one (`tiny-family`)."""
-    from pathlib import Path
-
     p = Path(config)
     return load_release_config(p if p.suffix in (".yaml", ".yml") or p.exists() else builtin_config_path(config))
 
@@ -36,7 +36,7 @@ def release(
 ) -> dict:
     """Release a model family: convert, quantize, evaluate, gate and publish."""
     logger = get_run_logger()
-    cfg = load_config(config).select(models=models, recipes=recipes)
+    cfg = load_config(config).resolved(Path.cwd()).select(models=models, recipes=recipes)
     ctx = core.ReleaseContext(
         family=cfg.family,
         release_id=release_id or core.new_release_id(cfg),

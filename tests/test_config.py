@@ -84,3 +84,12 @@ def test_unknown_recipe_is_rejected():
     raw["recipes"] = ["q4_0", "q3_XYZ"]
     with pytest.raises(ConfigError, match="q3_XYZ"):
         parse_release_config(raw)
+
+
+def test_resolved_makes_local_paths_absolute(tmp_path):
+    cfg = load_release_config(builtin_config_path("tiny-family")).resolved(tmp_path)
+    assert cfg.store.url == str(tmp_path / "runs" / "store")
+    assert cfg.publish.local_root == str(tmp_path / "runs" / "hub")
+    assert all(m.source.startswith("tiny://") for m in cfg.models)
+    s3 = load_release_config(builtin_config_path("gemma-4-qat")).resolved(tmp_path)
+    assert s3.store.url.startswith("s3://") and s3.models[0].source.startswith("hf://")

@@ -128,6 +128,24 @@ class ReleaseConfig(_Strict):
     def gate_for(self, model: ModelConfig) -> GateConfig:
         return model.gate if model.gate is not None else self.gate
 
+    def resolved(self, base_dir: str | Path) -> ReleaseConfig:
+        """The same release with every local path (store, Hub folder, corpus, model
+        sources) made absolute against `base_dir`, so workers in other directories agree."""
+
+        def local(p: str | None) -> str | None:
+            if p is None or "://" in p:
+                return p
+            return str((Path(base_dir) / Path(p).expanduser()).resolve())
+
+        return self.model_copy(
+            update={
+                "store": self.store.model_copy(update={"url": local(self.store.url)}),
+                "publish": self.publish.model_copy(update={"local_root": local(self.publish.local_root)}),
+                "eval": self.eval.model_copy(update={"corpus": local(self.eval.corpus)}),
+                "models": tuple(m.model_copy(update={"source": local(m.source)}) for m in self.models),
+            }
+        )
+
     def select(self, *, models: list[str] | None = None, recipes: list[str] | None = None) -> ReleaseConfig:
         """The same release restricted to some models and/or recipes."""
         update: dict = {}
