@@ -64,7 +64,7 @@ def oracle_mmproj(vendored_llama_cpp, mm_ckpt, tmp_path_factory):
             out = tmp_path_factory.mktemp("oracle") / f"mmproj-{outtype}.gguf"
             res = subprocess.run([sys.executable, str(vendored_llama_cpp / "convert_hf_to_gguf.py"),
                                   str(mm_ckpt(name)), "--mmproj", "--outtype", outtype, "--outfile", str(out)],
-                                 capture_output=True, text=True)
+                                 check=False, capture_output=True, text=True)
             assert res.returncode == 0, res.stderr[-3000:]
             cache[key] = out
         return cache[key]
@@ -204,7 +204,7 @@ def test_unknown_tower_tensor_and_bad_type(mm_ckpt, tmp_path):
 def test_cli_writes_mmproj_next_to_output(mm_ckpt, tmp_path):
     out = tmp_path / "dist" / "31B-BF16.gguf"
     res = subprocess.run([sys.executable, "-m", "qatgguf.cli", "convert", str(mm_ckpt("31B")), "-o", str(out),
-                          "--recipe", "bf16", "--mmproj", "--mmproj-type", "bf16"], capture_output=True, text=True)
+                          "--recipe", "bf16", "--mmproj", "--mmproj-type", "bf16"], check=False, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     mm = tmp_path / "dist" / "mmproj-BF16.gguf"
     assert out.is_file() and mm.is_file()
@@ -238,7 +238,7 @@ def test_text_and_mmproj_load_together_in_mtmd(mm_ckpt, tmp_path, name):
 
     text = convert(mm_ckpt(name), tmp_path / f"{name}-BF16.gguf", recipe="bf16")[0]
     mm = write_mmproj(mm_ckpt(name), tmp_path / "mmproj-BF16.gguf")
-    res = subprocess.run([sys.executable, "-c", MTMD_SCRIPT, str(text), str(mm)], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", MTMD_SCRIPT, str(text), str(mm)], check=False, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "vision True audio False" in res.stdout

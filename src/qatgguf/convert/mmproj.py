@@ -174,9 +174,8 @@ def _qtype(hf_name: str, gguf_name: str, shape: tuple[int, ...], outtype: str) -
     conversion/gemma.py Gemma4VisionAudioModel.tensor_force_quant."""
     forced: str | None = None
     # the precedence is llama.cpp's: `".conv" in name or ("_conv" in name and ".weight" in name)`
-    if _is_audio(hf_name) and (".conv" in hf_name or ("_conv" in hf_name and ".weight" in hf_name)):
-        forced = "F32"
-    elif "position_embedding_table" in hf_name:
+    audio_conv = _is_audio(hf_name) and (".conv" in hf_name or ("_conv" in hf_name and ".weight" in hf_name))
+    if audio_conv or "position_embedding_table" in hf_name:
         forced = "F32"
     elif ".patch_embd.weight" in gguf_name:
         forced = "F16" if outtype == "f16" else "F32"
