@@ -2,6 +2,7 @@
 
 Per model: plan and validate every recipe; one quantization task per safetensors shard
 (all recipes from one read of the shard); assemble each recipe's GGUF from the parts;
+write the vision projector (mmproj) where the model has towers;
 compute the base model's log-prob records once; evaluate each quant in chunk ranges;
 merge; gate; publish what passed. All tasks are submitted up front, so models and
 recipes overlap on the Ray cluster; futures carry only URIs, digests and metric dicts.
@@ -60,6 +61,7 @@ def release(
         files = {
             r: t.assemble_gguf.submit(ctx, m, r, plan.plans[r], parts) for r in all_recipes[m.name]
         }
+        projector = t.mmproj.submit(ctx, m) if plan.has_mmproj else None
         records = t.base_records.submit(ctx, m.name, files[cfg.base_recipe], settings)
         gate_f[m.name] = {}
         for r in cfg.recipes_for(m):
@@ -71,7 +73,7 @@ def release(
             merged = t.merge_eval.submit(ctx, m.name, r, ranges, files[r])
             gate_f[m.name][r] = t.gate.submit(ctx, m.name, r, merged, cfg.gate_for(m))
         quant_files = {r: files[r] for r in cfg.recipes_for(m)}
-        publish_f[m.name] = t.publish.submit(ctx, cfg, m, quant_files, gate_f[m.name])
+        publish_f[m.name] = t.publish.submit(ctx, cfg, m, quant_files, gate_f[m.name], projector or ())
 
     wait(list(publish_f.values()))
     summary = {}

@@ -39,6 +39,11 @@ def assemble_gguf(
     return core.assemble_model(ctx, model, recipe, plan_uri, parts)
 
 
+@task(name="mmproj", task_run_name="mmproj-{model.name}", retries=1, **_common)
+def mmproj(ctx: core.ReleaseContext, model: ModelConfig) -> list[ArtifactRef]:
+    return core.mmproj_model(ctx, model)
+
+
 @task(name="base-records", task_run_name="base-records-{model}", retries=1, **_common)
 def base_records(
     ctx: core.ReleaseContext, model: str, base: Sequence[ArtifactRef], settings: core.EvalSettings
@@ -79,5 +84,6 @@ def publish(
     model: ModelConfig,
     files: dict[str, Sequence[ArtifactRef]],
     gates: dict[str, dict],
+    mmproj: Sequence[ArtifactRef] = (),
 ) -> dict:
-    return core.publish_model(ctx, cfg, model, files, gates)
+    return core.publish_model(ctx, cfg, model, files, gates, mmproj=mmproj)

@@ -178,6 +178,19 @@ def assemble_model(
         return [store.put_file(f, ctx.key(model.name, recipe, f.name)) for f in files]
 
 
+def mmproj_model(ctx: ReleaseContext, model: ModelConfig, *, outtype: str = "bf16") -> list[ArtifactRef]:
+    """Write the vision (and audio) projector `mmproj-<TYPE>.gguf` as llama.cpp keeps it
+    (F16/BF16, never quantized); [] for a checkpoint without towers."""
+    from qatgguf.convert.mmproj import mmproj_filename, plan_mmproj, write_mmproj_plan
+
+    plan = plan_mmproj(resolve_source(model.source), outtype=outtype)
+    if plan is None:
+        return []
+    with scratch(f"{model.name}-mmproj-") as work:
+        path = write_mmproj_plan(plan, work / mmproj_filename(outtype))
+        return [ctx.store().put_file(path, ctx.key(model.name, "mmproj", path.name))]
+
+
 # ---------------------------------------------------------------------------- evaluate
 
 

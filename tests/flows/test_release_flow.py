@@ -53,6 +53,8 @@ def test_release_dense_and_moe(tmp_path, tiny_family, prefect_server, local_ray)
         repo = hub / "qatgguf-tiny" / f"gemma-4-{name}-it-qat-GGUF"
         files = sorted(p.name for p in repo.iterdir())
         assert f"{prefix}-Q4_0.gguf" in files and f"{prefix}-Q8_0.gguf" in files
+        assert f"{prefix}-UD-Q4_K_XL.gguf" in files
+        assert "mmproj-BF16.gguf" in files  # both sizes have a vision tower
         card = (repo / "README.md").read_text()
         assert card.startswith("---") and "Q4_0" in card and "KLD" in card
 

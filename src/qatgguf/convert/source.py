@@ -15,7 +15,8 @@ from qatgguf.errors import CheckpointError
 # the files the converter reads; pickles (*.bin, *.pt) are never fetched
 NEEDED_PATTERNS = ("config.json", "generation_config.json", "model.safetensors.index.json", "*.safetensors",
                    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json", "added_tokens.json", "README.md")
+                   "chat_template.jinja", "chat_template.json", "added_tokens.json", "README.md",
+                   "processor_config.json", "preprocessor_config.json")
 
 
 def _cache_root(cache_dir: Path | None) -> Path:
