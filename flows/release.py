@@ -45,7 +45,8 @@ def release(
         store_endpoint=cfg.store.endpoint_url,
     )
     settings = core.EvalSettings(
-        corpus=cfg.eval.corpus, ctx=cfg.eval.ctx, chunks=cfg.eval.chunks, threads=cfg.eval.threads
+        corpus=cfg.eval.corpus, ctx=cfg.eval.ctx, chunks=cfg.eval.chunks, threads=cfg.eval.threads,
+        batch=cfg.eval.batch,
     )
     logger.info("release %s of %s: %d models", ctx.release_id, cfg.family, len(cfg.models))
 

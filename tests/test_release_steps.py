@@ -33,13 +33,26 @@ def built(tmp_path_factory, tiny_family):
     plan = core.plan_model(ctx, model, ("bf16", "q4_0"))
     parts = [core.run_shard(ctx, model.name, plan.plans, i) for i in range(plan.n_shards)]
     files = {r: core.assemble_model(ctx, model, r, plan.plans[r], parts) for r in ("bf16", "q4_0")}
-    settings = core.EvalSettings(corpus=None, ctx=128, chunks=4)
+    # one chunk per batch, so the chunks can be split over tasks in any way
+    settings = core.EvalSettings(corpus=None, ctx=128, chunks=4, batch=128)
     return root, cfg, model, ctx, files, settings
 
 
-def _evaluate(ctx, model: ModelConfig, files, settings, records) -> dict:
-    ranges = [core.eval_range(ctx, model.name, "q4_0", files["q4_0"], records, i, 2, settings) for i in range(2)]
+def _evaluate(ctx, model: ModelConfig, files, settings, records, n_parts: int = 2) -> dict:
+    ranges = [
+        core.eval_range(ctx, model.name, "q4_0", files["q4_0"], records, i, n_parts, settings)
+        for i in range(n_parts)
+    ]
     return core.merge_eval(ctx, model.name, "q4_0", ranges, files["q4_0"])
+
+
+def test_evaluation_split_over_workers_equals_one_worker(built):
+    _root, _cfg, model, ctx, files, settings = built
+    records = core.base_records(ctx, files["bf16"], settings)
+    one = _evaluate(ctx, model, files, settings, records, n_parts=1)
+    assert records.n_chunks == 4 and records.n_seq == 1 and one["n_chunks"] == 4
+    assert _evaluate(ctx, model, files, settings, records, n_parts=2) == one
+    assert _evaluate(ctx, model, files, settings, records, n_parts=4) == one
 
 
 def test_base_records_are_computed_once_and_reused(built, caplog):

@@ -41,6 +41,7 @@ class EvalConfig(_Strict):
     ctx: int = Field(256, ge=16)
     chunks: int | None = Field(None, ge=1)
     chunk_tasks: int = Field(2, ge=1)  # evaluation tasks per quant (chunk ranges)
+    batch: int = Field(2048, ge=1)  # llama-perplexity -b: chunks per batch = batch / ctx
     threads: int = Field(1, ge=1)
 
 

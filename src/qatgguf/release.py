@@ -200,11 +200,12 @@ class EvalSettings:
     ctx: int
     chunks: int | None
     threads: int = 1
+    batch: int = 2048
 
     def runner(self):
         from qatgguf.evaluate import RunnerSettings
 
-        return RunnerSettings(n_threads=self.threads)
+        return RunnerSettings(n_batch=self.batch, n_threads=self.threads)
 
 
 def _corpus_path(corpus: str | None) -> Path:
