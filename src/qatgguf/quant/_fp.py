@@ -158,3 +158,17 @@ def imin(a: int, b: int) -> int:
 @njit(cache=True, nogil=True, inline="always")
 def imax(a: int, b: int) -> int:
     return a if a > b else b
+
+
+# Not inlined: an inlined helper that takes an array costs two refcount operations per call.
+@njit(cache=True, nogil=True)
+def put_f16(out: np.ndarray, o: int, h: int) -> None:
+    """Store an fp16 bit pattern little-endian at byte offset o."""
+    out[o] = h & 0xFF
+    out[o + 1] = (h >> 8) & 0xFF
+
+
+@njit(cache=True, nogil=True)
+def get_f16(data: np.ndarray, o: int) -> float:
+    """Read the little-endian fp16 at byte offset o as float32."""
+    return fp16_to_fp32(np.uint16(data[o]) | (np.uint16(data[o + 1]) << np.uint16(8)))

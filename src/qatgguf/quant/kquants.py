@@ -13,23 +13,12 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
-from qatgguf.quant._fp import F32, fp16_to_fp32, fp32_to_fp16, imax, imin, nearest_int
+from qatgguf.quant._fp import F32, fp32_to_fp16, get_f16, imax, imin, nearest_int, put_f16
 from qatgguf.quant.registry import BlockQuant
 
 _GROUP_MAX_EPS = F32(1e-15)  # ref: ggml-quants.c GROUP_MAX_EPS
 _ZERO = F32(0.0)
 _ONE = F32(1.0)
-
-
-@njit(cache=True, nogil=True)
-def _put_f16(out: np.ndarray, o: int, h: int) -> None:
-    out[o] = h & 0xFF
-    out[o + 1] = (h >> 8) & 0xFF
-
-
-@njit(cache=True, nogil=True)
-def _get_f16(data: np.ndarray, o: int) -> float:
-    return fp16_to_fp32(np.uint16(data[o]) | (np.uint16(data[o + 1]) << np.uint16(8)))
 
 
 @njit(cache=True, nogil=True)
@@ -182,10 +171,10 @@ def _qkx_quantize(
             ls = imin(63, nearest_int(inv_scale * scales[j]) & 0xFF)
             lm = imin(63, nearest_int(inv_min * mins[j]) & 0xFF)
             _pack_scales_k4(out, o + 4, j, ls, lm)
-        _put_f16(out, o, fp32_to_fp16(max_scale / F32(63.0)))
-        _put_f16(out, o + 2, fp32_to_fp16(max_min / F32(63.0)))
-        dd = _get_f16(out, o)
-        dmin = _get_f16(out, o + 2)
+        put_f16(out, o, fp32_to_fp16(max_scale / F32(63.0)))
+        put_f16(out, o + 2, fp32_to_fp16(max_min / F32(63.0)))
+        dd = get_f16(out, o)
+        dmin = get_f16(out, o + 2)
         for j in range(8):
             sc, m = _get_scale_min_k4(j, out, o + 4)
             d = dd * F32(sc)
@@ -240,8 +229,8 @@ def _q4_k_dequantize(data: np.ndarray, y: np.ndarray) -> None:
     nb = y.size // 256
     for i in range(nb):
         o = i * 144
-        d = _get_f16(data, o)
-        dmin = _get_f16(data, o + 2)
+        d = get_f16(data, o)
+        dmin = get_f16(data, o + 2)
         q = o + 16
         yo = i * 256
         s = 0
@@ -267,8 +256,8 @@ def _q5_k_dequantize(data: np.ndarray, y: np.ndarray) -> None:
     nb = y.size // 256
     for i in range(nb):
         o = i * 176
-        d = _get_f16(data, o)
-        dmin = _get_f16(data, o + 2)
+        d = get_f16(data, o)
+        dmin = get_f16(data, o + 2)
         qh = o + 16
         ql = o + 48
         yo = i * 256
@@ -385,10 +374,10 @@ def _q6_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
                 out[o + k] = 0
             continue
         iscale = F32(-128.0) / max_scale
-        _put_f16(out, o + 208, fp32_to_fp16(_ONE / iscale))
+        put_f16(out, o + 208, fp32_to_fp16(_ONE / iscale))
         for ib in range(16):
             out[o + 192 + ib] = imin(127, nearest_int(iscale * scales[ib])) & 0xFF
-        dd = _get_f16(out, o + 208)
+        dd = get_f16(out, o + 208)
         for j in range(16):
             d = dd * F32(np.int8(out[o + 192 + j]))
             if d == _ZERO:
@@ -422,7 +411,7 @@ def _q6_k_dequantize(data: np.ndarray, y: np.ndarray) -> None:
     nb = y.size // 256
     for i in range(nb):
         o = i * 210
-        d = _get_f16(data, o + 208)
+        d = get_f16(data, o + 208)
         ql = o
         qh = o + 128
         sc = o + 192
@@ -482,20 +471,20 @@ def _q2_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
             iscale = q4scale / max_scale
             for j in range(16):
                 out[o + j] = nearest_int(iscale * scales[j]) & 0xFF
-            _put_f16(out, o + 80, fp32_to_fp16(max_scale / q4scale))
+            put_f16(out, o + 80, fp32_to_fp16(max_scale / q4scale))
         else:
             for j in range(16):
                 out[o + j] = 0
-            _put_f16(out, o + 80, fp32_to_fp16(_ZERO))
+            put_f16(out, o + 80, fp32_to_fp16(_ZERO))
         if max_min > _ZERO:
             iscale = q4scale / max_min
             for j in range(16):
                 out[o + j] |= (nearest_int(iscale * mins[j]) << 4) & 0xFF
-            _put_f16(out, o + 82, fp32_to_fp16(max_min / q4scale))
+            put_f16(out, o + 82, fp32_to_fp16(max_min / q4scale))
         else:
-            _put_f16(out, o + 82, fp32_to_fp16(_ZERO))
-        dd = _get_f16(out, o + 80)
-        dmin = _get_f16(out, o + 82)
+            put_f16(out, o + 82, fp32_to_fp16(_ZERO))
+        dd = get_f16(out, o + 80)
+        dmin = get_f16(out, o + 82)
         for j in range(16):
             d = dd * F32(out[o + j] & 0xF)
             if d == _ZERO:
@@ -517,8 +506,8 @@ def _q2_k_dequantize(data: np.ndarray, y: np.ndarray) -> None:
     nb = y.size // 256
     for i in range(nb):
         o = i * 84
-        d = _get_f16(data, o + 80)
-        mn = _get_f16(data, o + 82)
+        d = get_f16(data, o + 80)
+        mn = get_f16(data, o + 82)
         q = o + 16
         yo = i * 256
         s = 0
@@ -646,10 +635,10 @@ def _q3_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
                     out[so + j - 8] |= (li & 0xF) << 4
                 li >>= 4
                 out[so + j % 4 + 8] |= li << (2 * (j // 4))
-            _put_f16(out, o + 108, fp32_to_fp16(_ONE / iscale))
+            put_f16(out, o + 108, fp32_to_fp16(_ONE / iscale))
         else:
-            _put_f16(out, o + 108, fp32_to_fp16(_ZERO))
-        dd = _get_f16(out, o + 108)
+            put_f16(out, o + 108, fp32_to_fp16(_ZERO))
+        dd = get_f16(out, o + 108)
         for j in range(16):
             sc8 = _q3_scale(out, so, j)
             d = dd * F32(sc8)
@@ -684,7 +673,7 @@ def _q3_k_dequantize(data: np.ndarray, y: np.ndarray) -> None:
     for i in range(nb):
         o = i * 110
         so = o + 96
-        d_all = _get_f16(data, o + 108)
+        d_all = get_f16(data, o + 108)
         yo = i * 256
         for j in range(16):
             sc8 = _q3_scale(data, so, j)

@@ -20,10 +20,11 @@ from qatgguf.quant._fp import (
     bits_f32,
     cvtt_i32,
     floor_small,
-    fp16_to_fp32,
     fp32_to_fp16,
+    get_f16,
     imax,
     imin,
+    put_f16,
     roundf,
     to_i8,
 )
@@ -33,17 +34,6 @@ _F32_MAX = F32(np.finfo(np.float32).max)
 _INF = F32(np.inf)
 _ABS = np.uint32(0x7FFFFFFF)
 _EXP_ALL = np.uint32(0x7F800000)  # magnitude bits at or above: Inf or NaN
-
-
-@njit(cache=True, nogil=True)
-def _put_f16(out: np.ndarray, o: int, h: int) -> None:
-    out[o] = h & 0xFF
-    out[o + 1] = (h >> 8) & 0xFF
-
-
-@njit(cache=True, nogil=True)
-def _get_f16(data: np.ndarray, o: int) -> float:
-    return fp16_to_fp32(np.uint16(data[o]) | (np.uint16(data[o + 1]) << np.uint16(8)))
 
 
 # ---------------------------------------------------------------- Q4_0
@@ -107,7 +97,7 @@ def _q4_0_dequantize(data: np.ndarray, y: np.ndarray) -> None:
     nb = y.size // 32
     for i in range(nb):
         o = i * 18
-        d = _get_f16(data, o)
+        d = get_f16(data, o)
         for j in range(16):
             q = data[o + 2 + j]
             y[i * 32 + j] = F32(np.int32(q & 0x0F) - 8) * d
@@ -167,8 +157,8 @@ def _q4_1_quantize(x: np.ndarray, out: np.ndarray) -> bool:
         d = (mx - mn) / F32(15.0)
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         o = i * 20
-        _put_f16(out, o, fp32_to_fp16(d))
-        _put_f16(out, o + 2, fp32_to_fp16(mn))
+        put_f16(out, o, fp32_to_fp16(d))
+        put_f16(out, o + 2, fp32_to_fp16(mn))
         if abs(inv) < _INF and abs(d) < _INF:
             for j in range(16):
                 # (x - min)*id lies in [0, 15] here: the cast is a floor
@@ -189,8 +179,8 @@ def _q4_1_dequantize(data: np.ndarray, y: np.ndarray) -> None:
     nb = y.size // 32
     for i in range(nb):
         o = i * 20
-        d = _get_f16(data, o)
-        m = _get_f16(data, o + 2)
+        d = get_f16(data, o)
+        m = get_f16(data, o + 2)
         for j in range(16):
             q = data[o + 4 + j]
             y[i * 32 + j] = F32(q & 0x0F) * d + m
@@ -226,7 +216,7 @@ def _q5_0_quantize(x: np.ndarray, out: np.ndarray) -> bool:
         d = mx / F32(-16.0)
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         o = i * 22
-        _put_f16(out, o, fp32_to_fp16(d))
+        put_f16(out, o, fp32_to_fp16(d))
         qh = np.uint32(0)
         fast = abs(inv) < _INF
         for j in range(16):
@@ -260,7 +250,7 @@ def _q5_0_dequantize(data: np.ndarray, y: np.ndarray) -> None:
     nb = y.size // 32
     for i in range(nb):
         o = i * 22
-        d = _get_f16(data, o)
+        d = get_f16(data, o)
         qh = _get_u32(data, o + 2)
         for j in range(16):
             xh0 = ((qh >> np.uint32(j)) << np.uint32(4)) & np.uint32(0x10)
@@ -300,8 +290,8 @@ def _q5_1_quantize(x: np.ndarray, out: np.ndarray) -> bool:
         d = (mx - mn) / F32(31.0)
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         o = i * 24
-        _put_f16(out, o, fp32_to_fp16(d))
-        _put_f16(out, o + 2, fp32_to_fp16(mn))
+        put_f16(out, o, fp32_to_fp16(d))
+        put_f16(out, o + 2, fp32_to_fp16(mn))
         qh = np.uint32(0)
         fast = abs(inv) < _INF and abs(d) < _INF
         for j in range(16):
@@ -326,8 +316,8 @@ def _q5_1_dequantize(data: np.ndarray, y: np.ndarray) -> None:
     nb = y.size // 32
     for i in range(nb):
         o = i * 24
-        d = _get_f16(data, o)
-        m = _get_f16(data, o + 2)
+        d = get_f16(data, o)
+        m = get_f16(data, o + 2)
         qh = _get_u32(data, o + 4)
         for j in range(16):
             xh0 = ((qh >> np.uint32(j)) << np.uint32(4)) & np.uint32(0x10)
@@ -364,7 +354,7 @@ def _q8_0_quantize(x: np.ndarray, out: np.ndarray) -> bool:
         d = amax / F32(127.0)
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         o = i * 34
-        _put_f16(out, o, fp32_to_fp16(d))
+        put_f16(out, o, fp32_to_fp16(d))
         if abs(inv) < _INF:
             for j in range(32):
                 out[o + 2 + j] = np.int32(roundf(x[b + j] * inv)) & 0xFF
@@ -380,7 +370,7 @@ def _q8_0_dequantize(data: np.ndarray, y: np.ndarray) -> None:
     nb = y.size // 32
     for i in range(nb):
         o = i * 34
-        d = _get_f16(data, o)
+        d = get_f16(data, o)
         for j in range(32):
             y[i * 32 + j] = F32(np.int8(data[o + 2 + j])) * d
 
