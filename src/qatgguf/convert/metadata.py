@@ -337,13 +337,13 @@ def vocab_rows(src: Path, hp: dict[str, Any]) -> int | None:
     return len(data["model"]["vocab"]) + len(data.get("added_tokens", []))
 
 
-def build_metadata(*, src: Path, spec: ArchSpec, hparams: dict[str, Any], geometry: TextGeometry,
-                   file_type: int, tensors: Sequence[tuple[str, Sequence[int]]],
-                   unified: bool) -> list[KV]:
-    """The ordered KV list of the text GGUF (no split.* keys)."""
+def general_writer(src: Path, *, arch: str, kind: str,
+                   tensors: Sequence[tuple[str, Sequence[int]]]) -> gguf.GGUFWriter:
+    """An in-memory writer holding the `general.*` keys llama.cpp's converter writes first,
+    for the text model and the projector alike (ref: conversion/base.py prepare_metadata)."""
     # gguf-py logs every overwritten key; llama.cpp's converter overwrites on purpose
     logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)
-    w = gguf.GGUFWriter(path=None, arch=spec.gguf_arch)
+    w = gguf.GGUFWriter(path=None, arch=arch)
     total, shared, expert, count = param_counts(tensors)
     meta = gguf.Metadata.load(None, src, None, total)
     gen = src / "generation_config.json"
@@ -356,8 +356,16 @@ def build_metadata(*, src: Path, spec: ArchSpec, hparams: dict[str, Any], geomet
         meta.name = src.name
     if meta.size_label is None and total > 0:
         meta.size_label = gguf.size_label(total, shared, expert, count)
-    w.add_type(gguf.GGUFType.MODEL)
+    w.add_type(kind)
     meta.set_gguf_meta_model(w)
+    return w
+
+
+def build_metadata(*, src: Path, spec: ArchSpec, hparams: dict[str, Any], geometry: TextGeometry,
+                   file_type: int, tensors: Sequence[tuple[str, Sequence[int]]],
+                   unified: bool) -> list[KV]:
+    """The ordered KV list of the text GGUF (no split.* keys)."""
+    w = general_writer(src, arch=spec.gguf_arch, kind=gguf.GGUFType.MODEL, tensors=tensors)
     hp = {**hparams, "_unified": unified}
     _add_text_params(w, hp, n_layer=geometry.n_layer, ftype=file_type)
     _add_gemma3_params(w, hp)

@@ -26,7 +26,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from qatgguf.convert.metadata import collected_kvs, param_counts
+from qatgguf.convert.metadata import collected_kvs, general_writer
 from qatgguf.convert.safetensors import DTYPES, nonfinite_rows, read_header
 from qatgguf.errors import CheckpointError, UnknownTensorError
 from qatgguf.gguf.writer import KV, GGUFFileWriter, TensorInfo, tensor_nbytes
@@ -264,22 +264,8 @@ def _metadata(*, src: Path, cfg: dict[str, Any], unified: bool, audio: bool, out
               tensors: list[tuple[str, tuple[int, ...]]]) -> list[KV]:
     """ref: conversion/base.py ModelBase.prepare_metadata, MmprojModel.set_gguf_parameters,
     conversion/gemma.py Gemma4VisionAudioModel/Gemma4UnifiedVisionAudioModel.set_gguf_parameters."""
-    logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)  # the converter overwrites keys on purpose
-    w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
-    total, shared, expert, count = param_counts(tensors)
-    meta = gguf.Metadata.load(None, src, None, total)
-    gen = src / "generation_config.json"
-    if gen.is_file():
-        # the vendored gguf-py also reads `repetition_penalty` (newer than PyPI gguf 0.19.0)
-        rp = json.loads(gen.read_text(encoding="utf-8")).get("repetition_penalty")
-        if meta.sampling_penalty_repeat is None and rp is not None:
-            meta.sampling_penalty_repeat = rp
-    if meta.name is None:
-        meta.name = src.name
-    if meta.size_label is None and total > 0:
-        meta.size_label = gguf.size_label(total, shared, expert, count)
-    w.add_type(gguf.GGUFType.MMPROJ)
-    meta.set_gguf_meta_model(w)
+    w = general_writer(src, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ], kind=gguf.GGUFType.MMPROJ,
+                       tensors=tensors)
 
     cfg_file = str(src / "config.json")
     text = {**cfg, **(cfg.get("text_config") or {})}
