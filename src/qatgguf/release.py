@@ -10,10 +10,12 @@ Store layout, below the store's root::
     releases/<family>/<release_id>/<model>/<recipe>/plan.json
     releases/<family>/<release_id>/<model>/<recipe>/parts/shard-00001.part
     releases/<family>/<release_id>/<model>/<recipe>/<file_prefix>-<QUANT>.gguf (or split files)
-    releases/<family>/<release_id>/<model>/eval/<recipe>/range-<i>.json, result.json, gate.json
+    releases/<family>/<release_id>/<model>/mmproj/mmproj-BF16.gguf
+    releases/<family>/<release_id>/<model>/eval/<recipe>/range-<i>.npz, result.json, gate.json
     releases/<family>/<release_id>/<model>/published.json
     releases/<family>/<release_id>/manifest.json
-    eval-base/<base sha256>/<corpus sha256>/<settings digest>/records.bin   (shared across releases)
+    eval-base/<base sha256>/<corpus sha256[:16]>/c<ctx>-<settings>/chunks-<a>-<b>.qgkl
+        (base records, shared by every quant and release of the same base file)
 """
 
 from __future__ import annotations
