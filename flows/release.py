@@ -10,13 +10,15 @@ recipes overlap on the Ray cluster; futures carry only URIs, digests and metric 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import wait
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.runtime import eval_resources, ray_task_runner, shard_resources
+from flows.runtime import ensure_prefect_server, eval_resources, ray_task_runner, shard_resources
 from qatgguf import release as core
 from qatgguf.config import ReleaseConfig, builtin_config_path, load_release_config
 from tasks import release as t
@@ -105,6 +107,21 @@ def release(
         logger.warning("gate failed, not published: %s", ", ".join(failed))
     return {"release_id": ctx.release_id, "manifest": manifest.uri, "rows": rows, "models": summary,
             "gate_failed": failed}
+
+
+def run_release(
+    config: str, *, models: list[str] | None = None, recipes: list[str] | None = None,
+    release_id: str | None = None,
+) -> tuple[str, dict]:
+    """Run the release flow against the Prefect server found (or started) on this machine;
+    returns (API URL, flow result). The `qatgguf release` command calls this."""
+    api_url = ensure_prefect_server()
+    # Prefect reads its settings once at import: point this process (and, through the
+    # task runner, the Ray workers) at the server explicitly.
+    os.environ["PREFECT_API_URL"] = api_url
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        result = release(config=config, models=models, recipes=recipes, release_id=release_id)
+    return api_url, result
 
 
 def _slug(s: str) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 
@@ -26,20 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.release import load_config, release
-    from flows.runtime import ensure_prefect_server
+    from flows.release import load_config, run_release
 
     cfg = load_config(args.config)  # validate before starting anything
-    api_url = ensure_prefect_server()
-    # Prefect reads its settings once at import: point this process (and, through the
-    # task runner, the Ray workers) at the server explicitly.
-    os.environ["PREFECT_API_URL"] = api_url
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        result = release(
-            config=args.config, models=args.models, recipes=args.recipes, release_id=args.release_id
-        )
+    api_url, result = run_release(
+        args.config, models=args.models, recipes=args.recipes, release_id=args.release_id
+    )
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return 1 if result["gate_failed"] else 0
