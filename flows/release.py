@@ -119,8 +119,12 @@ def run_release(
     # Prefect reads its settings once at import: point this process (and, through the
     # task runner, the Ray workers) at the server explicitly.
     os.environ["PREFECT_API_URL"] = api_url
+    ray = load_config(config).ray  # RAY_ADDRESS, when set, still wins over the config
+    runner = ray_task_runner(os.environ.get("RAY_ADDRESS") or ray.address, num_cpus=ray.num_cpus)
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        result = release(config=config, models=models, recipes=recipes, release_id=release_id)
+        result = release.with_options(task_runner=runner)(
+            config=config, models=models, recipes=recipes, release_id=release_id
+        )
     return api_url, result
 
 
