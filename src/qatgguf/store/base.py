@@ -254,3 +254,13 @@ class HashingReader:
 def iter_chunks(f: IO[bytes]) -> Iterator[bytes]:
     while chunk := f.read(CHUNK_SIZE):
         yield chunk
+
+
+class JsonOverBytes:
+    """`put_json`/`get_json` for any store that has `put_bytes`/`get_bytes`."""
+
+    def put_json(self, obj: Any, key: str) -> ArtifactRef:
+        return self.put_bytes(dumps_json(obj), check_key_arg(key, "put_json(obj, key)"))  # type: ignore[attr-defined]
+
+    def get_json(self, key_or_uri: str) -> Any:
+        return loads_json(self.get_bytes(key_or_uri), uri=key_or_uri)  # type: ignore[attr-defined]

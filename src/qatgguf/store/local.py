@@ -15,18 +15,15 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote, unquote, urlparse
 
 from qatgguf.errors import StoreError
 from qatgguf.store.base import (
     CHUNK_SIZE,
     ArtifactRef,
+    JsonOverBytes,
     ProgressCallback,
-    check_key_arg,
     check_sha256,
-    dumps_json,
-    loads_json,
     sha256_file,
     validate_key,
     validate_prefix,
@@ -78,7 +75,7 @@ def _copy_hashing(
     return h.hexdigest(), size
 
 
-class LocalStore:
+class LocalStore(JsonOverBytes):
     """`ArtifactStore` over a directory. Create with `open_store("file:///abs/dir")`."""
 
     def __init__(self, root: str | Path) -> None:
@@ -281,12 +278,6 @@ class LocalStore:
                 f"{uri}: sha256 mismatch: stored {stored}, read {got}; object is corrupt"
             )
         return data
-
-    def put_json(self, obj: Any, key: str) -> ArtifactRef:
-        return self.put_bytes(dumps_json(obj), check_key_arg(key, "put_json(obj, key)"))
-
-    def get_json(self, key_or_uri: str) -> Any:
-        return loads_json(self.get_bytes(key_or_uri), uri=key_or_uri)
 
     def list(self, prefix: str = "") -> list[str]:
         validate_prefix(prefix)

@@ -32,12 +32,10 @@ from qatgguf.errors import StoreError
 from qatgguf.store.base import (
     ArtifactRef,
     HashingReader,
+    JsonOverBytes,
     ProgressCallback,
     S3Credentials,
-    check_key_arg,
     check_sha256,
-    dumps_json,
-    loads_json,
     sha256_file,
     validate_key,
     validate_prefix,
@@ -86,7 +84,7 @@ class _HashingWriter:
         return self._f.write(data)
 
 
-class S3Store:
+class S3Store(JsonOverBytes):
     """`ArtifactStore` over `s3://bucket/prefix`. Create with `open_store("s3://...")`.
 
     Credentials come from `credentials` when given, else from boto3's standard chain
@@ -383,12 +381,6 @@ class S3Store:
                 "is corrupt or was overwritten while reading; retry"
             )
         return data
-
-    def put_json(self, obj: Any, key: str) -> ArtifactRef:
-        return self.put_bytes(dumps_json(obj), check_key_arg(key, "put_json(obj, key)"))
-
-    def get_json(self, key_or_uri: str) -> Any:
-        return loads_json(self.get_bytes(key_or_uri), uri=key_or_uri)
 
     def list(self, prefix: str = "") -> list[str]:
         validate_prefix(prefix)
