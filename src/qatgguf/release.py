@@ -103,7 +103,6 @@ def resolve_source(source: str) -> Path:
 @dataclass(frozen=True)
 class ModelPlan:
     model: str
-    source_dir: str
     n_shards: int
     plans: dict[str, str]  # recipe -> plan.json URI
     has_mmproj: bool
@@ -124,7 +123,7 @@ def plan_model(ctx: ReleaseContext, model: ModelConfig, recipes: Sequence[str]) 
         has_mmproj = has_mmproj or bool(plan.mmproj)
         ref = store.put_json(json.loads(plan.to_json()), ctx.key(model.name, recipe, "plan.json"))
         uris[recipe] = ref.uri
-    return ModelPlan(model.name, str(src), int(n_shards or 0), uris, has_mmproj)
+    return ModelPlan(model.name, int(n_shards or 0), uris, has_mmproj)
 
 
 def _load_plan(store, uri: str):
