@@ -26,6 +26,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
+from qatgguf import quant
 from qatgguf.convert.metadata import collected_kvs, general_writer
 from qatgguf.convert.safetensors import DTYPES, nonfinite_rows, read_header
 from qatgguf.errors import CheckpointError, UnknownTensorError
@@ -437,8 +438,10 @@ def _tensor_bytes(job: MmprojJob, fd: int, begin: int, file: str) -> bytes:
         x = x[:, _chw_perm(job.params["p"])]
     elif t == "rows_chw":
         x = x[_chw_perm(job.params["p"])]
-    x = np.ascontiguousarray(x).reshape(job.shape)
-    return gguf.quants.quantize(x, GGMLQuantizationType[job.qtype]).tobytes()
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(job.shape)
+    if job.qtype == "F32":
+        return x.tobytes()
+    return quant.quantize(x.reshape(1) if x.ndim == 0 else x, job.qtype, name=job.hf_name).tobytes()
 
 
 def write_mmproj_plan(plan: MmprojPlan, out: Path | str) -> Path:
