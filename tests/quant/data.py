@@ -43,6 +43,12 @@ def varied_rows(n: int, *, seed: int = 0) -> np.ndarray:
     pos = np.abs(rng.standard_normal(n)) + 3.0  # all positive: min > 0 paths
     add(pos)
     add(-pos)
+    # 16-element sub-blocks 1e4 and 1e9 times smaller than their neighbours: their
+    # scales round to zero in the super-block's 6/8-bit scale, a path of its own
+    spread = rng.standard_normal(n)
+    spread.reshape(-1, 16)[::3] *= 1e-4
+    spread.reshape(-1, 16)[1::5] *= 1e-9
+    add(spread)
     bf = (rng.standard_normal(n).astype(np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)
     add(bf)
     for _ in range(8):

@@ -152,12 +152,12 @@ def roundf(x: float) -> float:
 # on integers branches, which mispredicts on data-dependent clamps.
 @njit(cache=True, nogil=True, inline="always")
 def imin(a: int, b: int) -> int:
-    return a if a < b else b
+    return a if a < b else b  # noqa: FURB136 (a select; min() branches)
 
 
 @njit(cache=True, nogil=True, inline="always")
 def imax(a: int, b: int) -> int:
-    return a if a > b else b
+    return a if a > b else b  # noqa: FURB136 (a select; max() branches)
 
 
 # Not inlined: an inlined helper that takes an array costs two refcount operations per call.

@@ -298,74 +298,81 @@ class Q5_K(BlockQuant, qtype=T.Q5_K):
 
 
 @njit(cache=True, nogil=True)
-def _make_qx_quants_rmse1(
-    x: np.ndarray, xo: int, n: int, nmax: int, L: np.ndarray, lo: int
-) -> float:
-    """make_qx_quants with rmse_type=1 and no importance weights (w = x*x).
-
-    ref: ggml-quants.c make_qx_quants
-    """
-    mx = _ZERO
-    amax = _ZERO
-    for i in range(n):
-        ax = abs(x[xo + i])
-        if ax > amax:
-            amax = ax
-            mx = x[xo + i]
-    if amax < _GROUP_MAX_EPS:
-        for i in range(n):
-            L[lo + i] = 0
-        return _ZERO
-    fnmax = F32(nmax)
-    iscale = -fnmax / mx
-    sumlx = _ZERO
-    suml2 = _ZERO
-    for i in range(n):
-        v = x[xo + i]
-        li = imax(-nmax, imin(nmax - 1, nearest_int(iscale * v)))
-        L[lo + i] = li + nmax
-        w = v * v
-        fl = F32(li)
-        sumlx += w * v * fl
-        suml2 += w * fl * fl
-    scale = sumlx / suml2 if suml2 != _ZERO else _ZERO
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        iscale = -(fnmax + F32(0.1) * F32(step)) / mx
-        sumlx = _ZERO
-        suml2 = _ZERO
-        for i in range(n):
-            v = x[xo + i]
-            li = imax(-nmax, imin(nmax - 1, nearest_int(iscale * v)))
-            w = v * v
-            fl = F32(li)
-            sumlx += w * v * fl
-            suml2 += w * fl * fl
-        if suml2 > _ZERO and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                li = nearest_int(iscale * x[xo + i])
-                L[lo + i] = nmax + imax(-nmax, imin(nmax - 1, li))
-            scale = sumlx / suml2
-            best = scale * sumlx
-    return scale
-
-
-@njit(cache=True, nogil=True)
 def _q6_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
-    # ref: ggml-quants.c quantize_row_q6_K_ref
+    # ref: ggml-quants.c quantize_row_q6_K_ref with make_qx_quants(16, 32, x, L, 1, NULL).
+    # The 16 sub-blocks' scale searches run side by side (lane j = sub-block j): every
+    # lane keeps C's sequential sums over its 16 elements, and the lanes vectorize.
     nb = x.size // 256
     L = np.empty(256, np.int32)
+    xt = np.empty((16, 16), np.float32)  # [element k][sub-block j]
+    amax = np.empty(16, np.float32)
+    mx = np.empty(16, np.float32)
+    isc = np.empty(16, np.float32)
+    slx = np.empty(16, np.float32)
+    sl2 = np.empty(16, np.float32)
+    best = np.empty(16, np.float32)
     scales = np.empty(16, np.float32)
+    bisc = np.empty(16, np.float32)
+    fnmax = F32(32.0)
     for i in range(nb):
         xb = i * 256
         o = i * 210
+        for j in range(16):
+            for k in range(16):
+                xt[k, j] = x[xb + 16 * j + k]
+        for j in range(16):
+            amax[j] = _ZERO
+            mx[j] = _ZERO
+        for k in range(16):
+            for j in range(16):
+                v = xt[k, j]
+                ax = abs(v)
+                gt = ax > amax[j]
+                amax[j] = ax if gt else amax[j]
+                mx[j] = v if gt else mx[j]
+        for j in range(16):
+            # all-zero sub-blocks search on a dummy max; their results are replaced below
+            if amax[j] < _GROUP_MAX_EPS:
+                mx[j] = _ONE
+        for step in range(-10, 10):
+            if step == 0:
+                continue
+            if step == -10:
+                for j in range(16):
+                    isc[j] = -fnmax / mx[j]
+            else:
+                for j in range(16):
+                    isc[j] = -(fnmax + F32(0.1) * F32(step)) / mx[j]
+            for j in range(16):
+                slx[j] = _ZERO
+                sl2[j] = _ZERO
+            for k in range(16):
+                for j in range(16):
+                    v = xt[k, j]
+                    li = imax(-32, imin(31, nearest_int(isc[j] * v)))
+                    w = v * v
+                    fl = F32(li)
+                    slx[j] += w * v * fl
+                    sl2[j] += w * fl * fl
+            if step == -10:
+                for j in range(16):
+                    sc = slx[j] / sl2[j] if sl2[j] != _ZERO else _ZERO
+                    scales[j] = sc
+                    best[j] = sc * slx[j]
+                    bisc[j] = isc[j]
+            else:
+                for j in range(16):
+                    if sl2[j] > _ZERO and slx[j] * slx[j] > best[j] * sl2[j]:
+                        sc = slx[j] / sl2[j]
+                        scales[j] = sc
+                        best[j] = sc * slx[j]
+                        bisc[j] = isc[j]
         max_scale = _ZERO
         max_abs_scale = _ZERO
-        for ib in range(16):
-            scale = _make_qx_quants_rmse1(x, xb + 16 * ib, 16, 32, L, 16 * ib)
-            scales[ib] = scale
+        for j in range(16):
+            if amax[j] < _GROUP_MAX_EPS:
+                scales[j] = _ZERO
+            scale = scales[j]
             if abs(scale) > max_abs_scale:
                 max_abs_scale = abs(scale)
                 max_scale = scale
@@ -381,6 +388,14 @@ def _q6_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
         for j in range(16):
             d = dd * F32(np.int8(out[o + 192 + j]))
             if d == _ZERO:
+                # keeps the search's codes (zero for an all-zero sub-block)
+                if amax[j] < _GROUP_MAX_EPS:
+                    for k in range(16):
+                        L[16 * j + k] = 0
+                else:
+                    s = bisc[j]
+                    for k in range(16):
+                        L[16 * j + k] = 32 + imax(-32, imin(31, nearest_int(s * x[xb + 16 * j + k])))
                 continue
             for k in range(16):
                 li = nearest_int(x[xb + 16 * j + k] / d)
