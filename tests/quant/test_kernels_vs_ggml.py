@@ -112,3 +112,14 @@ def test_leading_dims_and_dtypes() -> None:
     assert np.array_equal(q.reshape(6, 144), ggml_quantize(x.reshape(6, 256), T.Q4_K))
     assert np.array_equal(quantize(x.astype(np.float64), T.Q8_0), quantize(x, T.Q8_0))
     assert dequantize(q, T.Q4_K).shape == (2, 3, 256)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_threads_do_not_change_bytes(t: T, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qatgguf.quant import api
+
+    monkeypatch.setattr(api, "CHUNK_ELEMENTS", 4096)  # many chunks for the threads to share
+    x = np.concatenate([varied_rows(1024, seed=3), varied_rows(1024, seed=4)])
+    one = quantize(x, t)
+    assert np.array_equal(quantize(x, t, threads=3), one)
+    assert np.array_equal(one, ggml_quantize(x, t))

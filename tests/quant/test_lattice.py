@@ -127,3 +127,17 @@ def test_grid_rejects_other_types() -> None:
         quantize(np.zeros((1, 256), np.float32), T.Q4_K, grid="qat", name="blk.0.ffn_up.weight")
     with pytest.raises(QuantizationError, match="unknown grid"):
         quantize(np.zeros((1, 256), np.float32), T.Q4_0, grid="lattice")
+
+
+@pytest.mark.parametrize("rounding", ["f32", "bf16"])
+def test_grid_threads_do_not_change_bytes(rounding: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qatgguf.quant import api
+
+    monkeypatch.setattr(api, "CHUNK_ELEMENTS", 2048)
+    w, _, _ = qat4(NBLOCKS, "max/-8", rounding, seed=7)
+    x = w.reshape(64, -1)
+    one = quantize(x, T.Q4_0, grid="qat")
+    assert np.array_equal(quantize(x, T.Q4_0, grid="qat", threads=3), one)
+    w2, _, _ = qat2(NBLOCKS // 8, (-2, 1), rounding, seed=8)
+    x2 = w2.reshape(64, -1)
+    assert np.array_equal(quantize(x2, T.TQ2_0, grid="qat", threads=3), quantize(x2, T.TQ2_0, grid="qat"))

@@ -18,6 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split-max-size", default=None,
                    help="split the output into files of at most this size (e.g. 50M, 2G)")
     p.add_argument("--workdir", type=Path, default=None, help="keep part files here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads that quantize a tensor's rows (default: OMP_NUM_THREADS, else every CPU)")
     p.add_argument("--plan-only", action="store_true", help="print the plan as JSON and stop")
     p.add_argument("--mmproj", action="store_true",
                    help="also write the vision projector as mmproj-<TYPE>.gguf next to OUT")
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
             raise CheckpointError("--mmproj: the checkpoint has no vision tower, so there is no projector to "
                                   "write: drop --mmproj for a text-only model", file=str(args.src))
-    paths = convert(args.src, args.out, recipe=args.recipe, split_max_size=split, workdir=args.workdir)
+    paths = convert(args.src, args.out, recipe=args.recipe, split_max_size=split, workdir=args.workdir,
+                    threads=args.threads)
     if mm_plan is not None:
         from qatgguf.convert.mmproj import mmproj_filename, write_mmproj_plan
 

@@ -44,7 +44,7 @@ def _row_chunks(n_rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
 
 
 def _tensor_chunks(job: TensorJob, fd: int | None, entry: TensorEntry | None,
-                   file: str) -> Iterator[bytes | memoryview]:
+                   file: str, threads: int = 1) -> Iterator[bytes | memoryview]:
     """Output bytes of one tensor, a block of rows at a time. Rows are read with pread into
     a fresh buffer, so memory stays at one block whatever the tensor size (a memory map
     would keep every touched page resident until the whole tensor is done)."""
@@ -88,14 +88,15 @@ def _tensor_chunks(job: TensorJob, fd: int | None, entry: TensorEntry | None,
             yield x.astype(np.float16).tobytes()
         else:
             try:
-                q = quant.quantize(x, job.qtype, grid=job.grid)
+                q = quant.quantize(x, job.qtype, grid=job.grid, threads=threads)
             except QuantizationError as exc:
                 raise type(exc)(f"{file}: tensor {job.hf_name!r} -> {job.gguf_name}: {exc}") from None
             yield np.ascontiguousarray(q).tobytes()
 
 
-def convert_shard(plan: ConversionPlan, index: int, out_part: Path) -> PartInfo:
-    """Convert shard job `index` of `plan` into the part file `out_part`.
+def convert_shard(plan: ConversionPlan, index: int, out_part: Path, *, threads: int | None = None) -> PartInfo:
+    """Convert shard job `index` of `plan` into the part file `out_part`, quantizing on
+    `threads` threads (default: `quant.default_threads()`).
 
     Reads only that shard (memory-mapped, one tensor at a time). Raises `CheckpointError`
     if the shard changed since planning, `NonFiniteError` for NaN/Inf, `QuantizationError`
@@ -103,6 +104,7 @@ def convert_shard(plan: ConversionPlan, index: int, out_part: Path) -> PartInfo:
     if not 0 <= index < len(plan.shards):
         raise IndexError(f"shard index {index} outside 0..{len(plan.shards) - 1}")
     sj = plan.shards[index]
+    threads = threads or quant.default_threads()
     out_part = Path(out_part)
     out_part.parent.mkdir(parents=True, exist_ok=True)
     src_path = Path(plan.src) / sj.file if sj.file else None
@@ -128,7 +130,7 @@ def convert_shard(plan: ConversionPlan, index: int, out_part: Path) -> PartInfo:
                 offset = fh.tell()
                 h = hashlib.sha256()
                 n = 0
-                for chunk in _tensor_chunks(job, fd, e, str(src_path)):
+                for chunk in _tensor_chunks(job, fd, e, str(src_path), threads):
                     h.update(chunk)
                     fh.write(chunk)
                     n += len(chunk)
@@ -169,10 +171,13 @@ def read_manifest(part: Path) -> dict:
         return json.loads(fh.read(n))
 
 
-def write_direct(plan: ConversionPlan, out: Path, *, split_max_size: int | None = None) -> list[Path]:
+def write_direct(plan: ConversionPlan, out: Path, *, split_max_size: int | None = None,
+                 threads: int | None = None) -> list[Path]:
     """Convert every shard job straight into the GGUF file(s), in plan order (shard by shard,
     one tensor block at a time): the single-process path, with no part files. Written under
-    temporary names and renamed when complete."""
+    temporary names and renamed when complete. Quantizes on `threads` threads (default:
+    `quant.default_threads()`)."""
+    threads = threads or quant.default_threads()
     from qatgguf.gguf.writer import GGUFFileWriter, shard_paths, split_kvs, split_tensors
 
     infos = plan.tensor_infos()
@@ -212,7 +217,8 @@ def write_direct(plan: ConversionPlan, out: Path, *, split_max_size: int | None 
             w = writers[file_of[name]]
             w.begin_tensor(name)
             fd = fds.get(sj.file) if sj.file else None
-            for chunk in _tensor_chunks(job, fd, e, str(Path(plan.src) / sj.file) if sj.file else "<generated>"):
+            file = str(Path(plan.src) / sj.file) if sj.file else "<generated>"
+            for chunk in _tensor_chunks(job, fd, e, file, threads):
                 w.write(chunk)
         for w in writers:
             w.finish()

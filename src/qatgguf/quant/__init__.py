@@ -15,6 +15,6 @@ if "NUMBA_SLP_VECTORIZE" not in os.environ:
 
     numba.core.config.SLP_VECTORIZE = 1
 
-from qatgguf.quant.api import dequantize, quantize, resolve_type
+from qatgguf.quant.api import default_threads, dequantize, quantize, resolve_type
 
-__all__ = ["dequantize", "quantize", "resolve_type"]
+__all__ = ["default_threads", "dequantize", "quantize", "resolve_type"]

@@ -6,6 +6,11 @@ Input checks, shapes and row chunking happen here once; the kernels in the famil
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
 import numpy as np
 from gguf import GGMLQuantizationType
 from numba import njit
@@ -35,6 +40,29 @@ FALLBACK_TYPES: dict[str, str] = {
 }
 
 GRIDS = ("qat",)
+
+_Item = TypeVar("_Item")
+
+
+def default_threads() -> int:
+    """Threads for quantizing a tensor: OMP_NUM_THREADS when set (Ray sets it to a task's
+    CPUs), otherwise the CPUs this process may run on."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _each(fn: Callable[[_Item], None], items: Sequence[_Item], threads: int) -> None:
+    """fn over items, on `threads` threads (the kernels release the GIL). The error of the
+    earliest failing item is the one raised, as in a sequential loop."""
+    if threads <= 1 or len(items) <= 1:
+        for it in items:
+            fn(it)
+        return
+    with ThreadPoolExecutor(min(threads, len(items))) as ex:
+        for _ in ex.map(fn, items):
+            pass
 
 
 def resolve_type(qtype: str | int | GGMLQuantizationType) -> GGMLQuantizationType:
@@ -142,6 +170,7 @@ def quantize(
     *,
     grid: str | None = None,
     name: str | None = None,
+    threads: int = 1,
 ) -> np.ndarray:
     """Quantize float rows `x` (shape (..., n)) to GGML blocks, bytes as GGUF stores them.
 
@@ -149,6 +178,7 @@ def quantize(
     ggml's `ggml_quantize_chunk` (no importance matrix). `grid="qat"` (Q4_0, TQ2_0)
     recovers the integer grid a QAT checkpoint was trained on and keeps it; blocks that
     are not on a grid get the reference encoding. `name` only labels error messages.
+    `threads` > 1 quantizes row chunks in parallel; the bytes do not depend on it.
 
     Raises BlockSizeError (row length), NonFiniteError (NaN/Inf; names the first bad row),
     UnknownQuantTypeError, QuantizationError (unsupported grid).
@@ -160,33 +190,43 @@ def quantize(
     out = np.empty((*x.shape[:-1], n // kernel.block_size * kernel.type_size), dtype=np.uint8)
     out_rows = out.reshape(rows.shape[0], -1)
     bs, ts = kernel.block_size, kernel.type_size
+    chunks = _chunks(rows.shape[0], n)
     if grid is None:
         q = kernel.quantize_blocks
-        for r0, r1 in _chunks(rows.shape[0], n):
+
+        def plain(chunk: tuple[int, int]) -> None:
+            r0, r1 = chunk
             c = _f32_chunk(rows, r0, r1)
             o = out_rows[r0:r1].reshape(-1)
             if kernel.checks_finite:
                 if not q(c, o):
                     _check_finite(c, r0 * n, n, name)
-                continue
+                return
             for p0, p1 in _pieces(c.size):
                 piece = c[p0:p1]
                 _check_finite(piece, r0 * n + p0, n, name)
                 q(piece, o[p0 // bs * ts : p1 // bs * ts])
+
+        _each(plain, chunks, threads)
         return out
     if grid not in GRIDS:
         raise QuantizationError(f"unknown grid {grid!r}; supported: {', '.join(GRIDS)} or None")
     from qatgguf.quant.lattice import GridEncoder
 
     enc = GridEncoder(t, name=name)
-    for r0, r1 in _chunks(rows.shape[0], n):
+    flat_out = out_rows.reshape(-1)
+
+    def on_grid(chunk: tuple[int, int]) -> None:
+        r0, r1 = chunk
         c = _f32_chunk(rows, r0, r1)
-        o = out_rows[r0:r1].reshape(-1)
         for p0, p1 in _pieces(c.size):
             piece = c[p0:p1]
             _check_finite(piece, r0 * n + p0, n, name)
-            enc.encode(piece, o[p0 // bs * ts : p1 // bs * ts])
-    enc.finish(out_rows.reshape(-1))
+            b0 = (r0 * n + p0) // bs * ts
+            enc.encode(piece, flat_out[b0 : b0 + (p1 - p0) // bs * ts], pos=b0)
+
+    _each(on_grid, chunks, threads)
+    enc.finish(flat_out)
     return out
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -341,17 +342,23 @@ class GridEncoder:
         self.stats = GridStats()
         self._parts: list[tuple[int, np.ndarray]] = []  # (byte offset, bf16 alternatives)
         self._pos = 0
+        self._lock = threading.Lock()
 
-    def encode(self, x: np.ndarray, out: np.ndarray) -> None:
-        """Encode flat float32 blocks `x` into flat bytes `out` (consecutive chunks)."""
+    def encode(self, x: np.ndarray, out: np.ndarray, *, pos: int | None = None) -> None:
+        """Encode flat float32 blocks `x` into flat bytes `out`: the tensor's bytes from
+        offset `pos`, or, without it, the chunk after the previous one. Threads may encode
+        chunks at once when each gives its `pos`."""
         nb = x.size // self.block
         alt = np.empty(nb, np.uint16)
         hist = np.zeros(_H_SIZE, np.int64)
         (_grid_q4_0 if self.qtype == T.Q4_0 else _grid_tq2_0)(x, out, alt, hist)
-        self.stats.add(nb, hist)
-        if hist[_H_BF16]:
-            self._parts.append((self._pos, alt))
-        self._pos += nb * self.type_size
+        with self._lock:
+            if pos is None:
+                pos = self._pos
+            self._pos = pos + nb * self.type_size
+            self.stats.add(nb, hist)
+            if hist[_H_BF16]:
+                self._parts.append((pos, alt))
 
     def finish(self, out: np.ndarray) -> GridStats:
         """Write the scales of all grid blocks into `out` (the whole tensor, flat)."""
