@@ -71,6 +71,45 @@ _H_BF16 = 34
 _H_SIZE = 35
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _scan_codes(
+    x: np.ndarray,
+    xu: np.ndarray,
+    b: int,
+    j0: int,
+    j1: int,
+    inv_s: float,
+    k: np.ndarray,
+    bad: bool,
+    kl: int,
+    kh: int,
+    lo_bits: int,
+    hi_bits: int,
+) -> tuple[bool, int, int, int, int]:
+    """Codes k[j] = rint(w_j / s) for j in [j0, j1) of the block at b, folded into the
+    running verdict: `bad` (a nonzero weight with code 0), the code range [kl, kh] and the
+    intersection of the scale intervals, as float32 bits [lo_bits, hi_bits]."""
+    for j in range(j0, j1):
+        u = xu[b + j] & _ABS
+        ki = nearest_int(x[b + j] * inv_s)
+        k[j] = ki
+        nz = u != np.uint32(0)
+        bad |= nz and ki == 0
+        # zero weights have k = 0, inside every [kl, kh]
+        kl = imin(kl, ki)
+        kh = imax(kh, ki)
+        # bf16 rounding interval of |w| (midpoints to the neighbours, exact in f32) / |k|;
+        # a reciprocal product is within 2 ulps, far inside the 2**-20 margin the caller
+        # uses. 1/|k| in float32 equals the rounded double 1/|k| for |k| <= 16; the bounds
+        # are >= 0, so their max/min is the integer max/min of their bits
+        r = F32(1.0) / F32(imax(abs(ki), 1))
+        lo = f32_bits(bits_f32(np.uint32(u - np.uint32(0x8000))) * r)
+        hi = f32_bits(bits_f32(np.uint32(u + np.uint32(0x8000))) * r)
+        lo_bits = imax(lo_bits, lo if nz else np.uint32(0))
+        hi_bits = imin(hi_bits, hi if nz else _EXP_ALL)
+    return bad, kl, kh, lo_bits, hi_bits
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def _grid_blocks(
     x: np.ndarray,
@@ -121,30 +160,20 @@ def _grid_blocks(
                 inv_s = F32(1.0) / s
                 # One branch-free pass (it vectorizes); the verdict equals stopping at the
                 # first failing element, since `bad` sticks and the bounds only tighten.
-                bad = False
-                kl = 0
-                kh = 0
-                lo_bits = np.uint32(0)
-                hi_bits = _EXP_ALL
-                for j in range(bs):
-                    u = xu[b + j] & _ABS
-                    ki = nearest_int(x[b + j] * inv_s)
-                    k[j] = ki
-                    nz = u != np.uint32(0)
-                    bad |= nz and ki == 0
-                    # zero weights have k = 0, inside every [kl, kh]
-                    kl = imin(kl, ki)
-                    kh = imax(kh, ki)
-                    # bf16 rounding interval of |w| (midpoints to the neighbours, exact in
-                    # f32) / |k|; a reciprocal product is within 2 ulps, far inside the
-                    # 2**-20 margin used below. 1/|k| in float32 equals the rounded double
-                    # 1/|k| for |k| <= 16; the bounds are >= 0, so their max/min is the
-                    # integer max/min of their bits
-                    r = F32(1.0) / F32(imax(abs(ki), 1))
-                    lo = f32_bits(bits_f32(np.uint32(u - np.uint32(0x8000))) * r)
-                    hi = f32_bits(bits_f32(np.uint32(u + np.uint32(0x8000))) * r)
-                    lo_bits = imax(lo_bits, lo if nz else np.uint32(0))
-                    hi_bits = imin(hi_bits, hi if nz else _EXP_ALL)
+                # The first 8 weights go first: they alone reject most wrong scales (and
+                # plain weights) at a quarter of the cost.
+                bad, kl, kh, lo_bits, hi_bits = _scan_codes(
+                    x, xu, b, 0, 8, inv_s, k, False, 0, 0, np.uint32(0), _EXP_ALL
+                )
+                if (
+                    bad
+                    or kh - kl > kmax - kmin
+                    or bits_f32(np.uint32(lo_bits)) > bits_f32(np.uint32(hi_bits)) * _WIDEN_HI
+                ):
+                    continue
+                bad, kl, kh, lo_bits, hi_bits = _scan_codes(
+                    x, xu, b, 8, bs, inv_s, k, bad, kl, kh, lo_bits, hi_bits
+                )
                 lo_max = bits_f32(np.uint32(lo_bits))
                 hi_min = bits_f32(np.uint32(hi_bits))
                 if bad or lo_max > hi_min * _WIDEN_HI:
