@@ -5,13 +5,21 @@ Ports of ggml's `quantize_row_*_K_ref` and their helpers (`make_qkx2_quants`,
 every sum runs in the C loops' sequential order and every product keeps the C
 association (`w*l*x` is `(w*l)*x`); integers are cast to float32 before they meet a
 float, since numba would otherwise widen to float64.
+
+The searches of a super-block's sub-blocks run side by side as vector lanes: the
+super-block is transposed to `xt[k, j]` (element k of sub-block j), every inner loop is
+`for k: for j` over per-lane arrays, each lane keeps C's sequential order, its choices
+are selects, and dummy values keep degenerate lanes harmless until their results are
+replaced.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from qatgguf.quant._fp import F32, fp32_to_fp16, get_f16, imax, imin, nearest_int, put_f16
 from qatgguf.quant.registry import BlockQuant
@@ -19,6 +27,50 @@ from qatgguf.quant.registry import BlockQuant
 _GROUP_MAX_EPS = F32(1e-15)  # ref: ggml-quants.c GROUP_MAX_EPS
 _ZERO = F32(0.0)
 _ONE = F32(1.0)
+
+
+@intrinsic
+def _code_f32(typingctx, v, lo, hi):  # type: ignore[no-untyped-def]
+    """float32(MAX(lo, MIN(hi, nearest_int(v)))), all in 32-bit lanes.
+
+    The same bits as `nearest_int` and the C clamp; written at the LLVM level because
+    numba widens int32 arithmetic to int64, and int64 -> float does not vectorize."""
+    if v != types.float32 or not isinstance(lo, types.Integer) or not isinstance(hi, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        f, a, b = args
+        i32 = ir.IntType(32)
+        val = builder.fadd(f, ir.Constant(ir.FloatType(), 12582912.0))
+        i = builder.bitcast(val, i32)
+        li = builder.and_(i, ir.Constant(i32, 0x007FFFFF))
+        li = builder.sub(li, ir.Constant(i32, 0x00400000))
+        a32 = builder.trunc(a, i32) if a.type.width > 32 else a
+        b32 = builder.trunc(b, i32) if b.type.width > 32 else b
+        li = builder.select(builder.icmp_signed("<", li, b32), li, b32)
+        li = builder.select(builder.icmp_signed(">", li, a32), li, a32)
+        return builder.sitofp(li, ir.FloatType())
+
+    return types.float32(v, lo, hi), codegen
+
+
+@intrinsic
+def _update(typingctx, c, new, old):  # type: ignore[no-untyped-def]
+    """`new if c else old`, for `a[i] = _update(c, new, a[i])`: a plain store of a select.
+
+    Written as a ternary, or as a bare select, LLVM sees that the store puts back the
+    value just loaded when `c` is false, drops that path and vectorizes what is left as
+    a masked store (slow, and a later load cannot take its value from it). `old` passes
+    through a `freeze` first, which ends that reasoning and costs no instruction."""
+    if c != types.boolean or new != types.float32 or old != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        frozen = ir.instructions.Instruction(builder.block, args[2].type, "freeze", [args[2]])
+        builder._insert(frozen)
+        return builder.select(args[0], args[1], frozen)
+
+    return types.float32(c, new, old), codegen
 
 
 @njit(cache=True, nogil=True)
@@ -99,6 +151,125 @@ def _make_qkx2_quants(
     return scale, -mn
 
 
+# rows of the qkx2 search's lane scratch `ln` (one float32 row of lanes each)
+(_MN, _MX, _SW, _SX, _ISC, _SCL, _BEST, _BISC, _BMN) = range(9)
+(_SL, _SL2, _SXL, _ERR, _TSC, _TMN, _D, _FLAT, _FMIN) = range(9, 18)
+_QKX_ROWS = 18
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _qkx2_lanes(
+    xt: np.ndarray,
+    wt: np.ndarray,
+    lt: np.ndarray,
+    ln: np.ndarray,
+    nl: int,
+    n: int,
+    nmax: int,
+    rmin: float,
+    nstep: int,
+    use_mad: bool,
+) -> None:
+    """make_qkx2_quants (rdelta 0.1) for nl sub-blocks of n elements side by side: lane j
+    searches a sub-block whose element k is xt[k, j], with weight wt[k, j]. Each lane
+    keeps C's sequential sums and association; a lane's choices are selects. Leaves in
+    ln: the scale (_SCL), min (_MN, before negation), the iscale and min the winning
+    codes were rounded with (_BISC, _BMN), and for a constant sub-block (C's `max == min`
+    exit) _FLAT = 1 with its negated min in _FMIN; such a lane searches on a dummy range
+    and its results are to be replaced. Lanes whose step has D <= 0 divide by zero;
+    error_model="numpy" lets that give inf/NaN as in C, and the step is not taken.
+    ref: ggml-quants.c make_qkx2_quants"""
+    fnmax = F32(nmax)
+    mn = ln[_MN]
+    mx = ln[_MX]
+    sw = ln[_SW]
+    sx = ln[_SX]
+    isc = ln[_ISC]
+    scl = ln[_SCL]
+    best = ln[_BEST]
+    bisc = ln[_BISC]
+    bmn = ln[_BMN]
+    sl = ln[_SL]
+    sl2 = ln[_SL2]
+    sxl = ln[_SXL]
+    err = ln[_ERR]
+    tsc = ln[_TSC]
+    tmn = ln[_TMN]
+    dd = ln[_D]
+    flat = ln[_FLAT]
+    fmin = ln[_FMIN]
+    for j in range(nl):
+        v = xt[0, j]
+        mn[j] = v
+        mx[j] = v
+        sw[j] = wt[0, j]
+        sx[j] = wt[0, j] * v
+    for k in range(1, n):
+        for j in range(nl):
+            v = xt[k, j]
+            w = wt[k, j]
+            mn[j] = _update(v < mn[j], v, mn[j])
+            mx[j] = _update(v > mx[j], v, mx[j])
+            sw[j] += w
+            sx[j] += w * v
+    for j in range(nl):
+        m = _ZERO if mn[j] > _ZERO else mn[j]  # noqa: FURB136 (C's `if (min > 0) min = 0`)
+        f = mx[j] == m
+        flat[j] = _ONE if f else _ZERO
+        fmin[j] = -m
+        mn[j] = _ZERO if f else m
+        mx[j] = _update(f, _ONE, mx[j])
+        isc[j] = fnmax / (mx[j] - mn[j])
+        scl[j] = _ONE / isc[j]
+        best[j] = _ZERO
+        bisc[j] = isc[j]
+        bmn[j] = mn[j]
+    for k in range(n):
+        for j in range(nl):
+            v = xt[k, j]
+            diff = scl[j] * _code_f32(isc[j] * (v - mn[j]), 0, nmax) + mn[j] - v
+            diff = abs(diff) if use_mad else diff * diff
+            best[j] += wt[k, j] * diff
+    for step in range(nstep + 1):
+        num = rmin + F32(0.1) * F32(step) + fnmax
+        for j in range(nl):
+            isc[j] = num / (mx[j] - mn[j])
+            sl[j] = _ZERO
+            sl2[j] = _ZERO
+            sxl[j] = _ZERO
+        for k in range(n):
+            for j in range(nl):
+                v = xt[k, j]
+                w = wt[k, j]
+                fl = _code_f32(isc[j] * (v - mn[j]), 0, nmax)
+                lt[k, j] = fl
+                sl[j] += w * fl
+                sl2[j] += w * fl * fl
+                sxl[j] += w * fl * v
+        for j in range(nl):
+            d = sw[j] * sl2[j] - sl[j] * sl[j]
+            dd[j] = d
+            ts = (sw[j] * sxl[j] - sx[j] * sl[j]) / d
+            tm = (sl2[j] * sx[j] - sl[j] * sxl[j]) / d
+            ts0 = sxl[j] / sl2[j]
+            pos = tm > _ZERO
+            tsc[j] = ts0 if pos else ts
+            tmn[j] = _ZERO if pos else tm
+            err[j] = _ZERO
+        for k in range(n):
+            for j in range(nl):
+                diff = tsc[j] * lt[k, j] + tmn[j] - xt[k, j]
+                diff = abs(diff) if use_mad else diff * diff
+                err[j] += wt[k, j] * diff
+        for j in range(nl):
+            win = (dd[j] > _ZERO) & (err[j] < best[j])
+            bisc[j] = _update(win, isc[j], bisc[j])
+            bmn[j] = _update(win, mn[j], bmn[j])
+            best[j] = _update(win, err[j], best[j])
+            scl[j] = _update(win, tsc[j], scl[j])
+            mn[j] = _update(win, tmn[j], mn[j])
+
+
 @njit(cache=True, nogil=True)
 def _get_scale_min_k4(j: int, s: np.ndarray, so: int) -> tuple[int, int]:
     # ref: ggml-quants.c get_scale_min_k4
@@ -120,97 +291,104 @@ def _pack_scales_k4(out: np.ndarray, so: int, j: int, ls: int, lm: int) -> None:
         out[so + j] |= (lm >> 4) << 6
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _qkx_quantize(
     x: np.ndarray, out: np.ndarray, nmax: int, rmin: float, step_count: int, bpb: int
 ) -> None:
     """Q4_K (nmax=15) and Q5_K (nmax=31): one body, the C functions differ only in the
-    search range and the bit packing. ref: quantize_row_q4_K_ref, quantize_row_q5_K_ref"""
+    search range and the bit packing. ref: quantize_row_q4_K_ref, quantize_row_q5_K_ref
+
+    Two super-blocks are searched together: lane 8*p + j is sub-block j of super-block
+    i0 + p (an odd last super-block searches beside a copy of itself)."""
     nb = x.size // 256
     L = np.empty(256, np.uint8)
-    laux = np.empty(32, np.uint8)
-    weights = np.empty(32, np.float32)
+    xt = np.empty((32, 16), np.float32)  # [element k][lane]
+    wt = np.empty((32, 16), np.float32)
+    lt = np.empty((32, 16), np.float32)
+    ln = np.empty((_QKX_ROWS, 16), np.float32)
+    sx2 = np.empty(16, np.float32)
     mins = np.empty(8, np.float32)
     scales = np.empty(8, np.float32)
-    for i in range(nb):
-        xb = i * 256
-        o = i * bpb
-        max_scale = _ZERO
-        max_min = _ZERO
-        for j in range(8):
-            sum_x2 = _ZERO
-            for k in range(32):
-                v = x[xb + 32 * j + k]
-                sum_x2 += v * v
-            av_x = np.sqrt(sum_x2 / F32(32.0))
-            for k in range(32):
-                weights[k] = av_x + abs(x[xb + 32 * j + k])
-            sc, mi = _make_qkx2_quants(
-                x,
-                xb + 32 * j,
-                32,
-                nmax,
-                weights,
-                L,
-                32 * j,
-                laux,
-                rmin,
-                F32(0.1),
-                step_count,
-                False,
-            )
-            scales[j] = sc
-            mins[j] = mi
-            max_scale = max(max_scale, sc)
-            max_min = max(max_min, mi)
-        inv_scale = F32(63.0) / max_scale if max_scale > _ZERO else _ZERO
-        inv_min = F32(63.0) / max_min if max_min > _ZERO else _ZERO
-        for k in range(12):
-            out[o + 4 + k] = 0
-        for j in range(8):
-            ls = imin(63, nearest_int(inv_scale * scales[j]) & 0xFF)
-            lm = imin(63, nearest_int(inv_min * mins[j]) & 0xFF)
-            _pack_scales_k4(out, o + 4, j, ls, lm)
-        put_f16(out, o, fp32_to_fp16(max_scale / F32(63.0)))
-        put_f16(out, o + 2, fp32_to_fp16(max_min / F32(63.0)))
-        dd = get_f16(out, o)
-        dmin = get_f16(out, o + 2)
-        for j in range(8):
-            sc, m = _get_scale_min_k4(j, out, o + 4)
-            d = dd * F32(sc)
-            if d == _ZERO:
-                continue
-            dm = dmin * F32(m)
-            for k in range(32):
-                li = nearest_int((x[xb + 32 * j + k] + dm) / d)
-                L[32 * j + k] = imax(0, imin(nmax, li))
-        if nmax == 15:
-            q = o + 16
-            for j in range(0, 256, 64):
+    for i0 in range(0, nb, 2):
+        for p in range(2):
+            xb = min(i0 + p, nb - 1) * 256
+            for j in range(8):
                 for k in range(32):
-                    out[q + k] = L[j + k] | (L[j + k + 32] << 4)
-                q += 32
-        else:
-            qh = o + 16
-            ql = o + 48
-            for k in range(32):
-                out[qh + k] = 0
-            m1 = 1
-            m2 = 2
-            for n in range(0, 256, 64):
+                    xt[k, 8 * p + j] = x[xb + 32 * j + k]
+        for j in range(16):
+            sx2[j] = _ZERO
+        for k in range(32):
+            for j in range(16):
+                v = xt[k, j]
+                sx2[j] += v * v
+        for j in range(16):
+            sx2[j] = np.sqrt(sx2[j] / F32(32.0))
+        for k in range(32):
+            for j in range(16):
+                wt[k, j] = sx2[j] + abs(xt[k, j])
+        _qkx2_lanes(xt, wt, lt, ln, 16, 32, nmax, rmin, step_count, False)
+        for i in range(i0, min(i0 + 2, nb)):
+            lo = 8 * (i - i0)
+            xb = i * 256
+            o = i * bpb
+            max_scale = _ZERO
+            max_min = _ZERO
+            for j in range(8):
+                flat = ln[_FLAT, lo + j] != _ZERO
+                sc = _ZERO if flat else ln[_SCL, lo + j]
+                mi = ln[_FMIN, lo + j] if flat else -ln[_MN, lo + j]
+                scales[j] = sc
+                mins[j] = mi
+                max_scale = sc if sc > max_scale else max_scale  # noqa: FURB136 (C order)
+                max_min = mi if mi > max_min else max_min  # noqa: FURB136 (C order)
+            inv_scale = F32(63.0) / max_scale if max_scale > _ZERO else _ZERO
+            inv_min = F32(63.0) / max_min if max_min > _ZERO else _ZERO
+            for k in range(12):
+                out[o + 4 + k] = 0
+            for j in range(8):
+                ls = imin(63, nearest_int(inv_scale * scales[j]) & 0xFF)
+                lm = imin(63, nearest_int(inv_min * mins[j]) & 0xFF)
+                _pack_scales_k4(out, o + 4, j, ls, lm)
+            put_f16(out, o, fp32_to_fp16(max_scale / F32(63.0)))
+            put_f16(out, o + 2, fp32_to_fp16(max_min / F32(63.0)))
+            dd = get_f16(out, o)
+            dmin = get_f16(out, o + 2)
+            for j in range(8):
+                sc, m = _get_scale_min_k4(j, out, o + 4)
+                d = dd * F32(sc)
+                if d == _ZERO:
+                    # keeps the search's codes (zero for a constant sub-block)
+                    if ln[_FLAT, lo + j] != _ZERO:
+                        for k in range(32):
+                            L[32 * j + k] = 0
+                    else:
+                        s = ln[_BISC, lo + j]
+                        mn = ln[_BMN, lo + j]
+                        for k in range(32):
+                            v = x[xb + 32 * j + k]
+                            L[32 * j + k] = imax(0, imin(nmax, nearest_int(s * (v - mn))))
+                    continue
+                dm = dmin * F32(m)
                 for k in range(32):
-                    l1 = np.int32(L[n + k])
-                    if l1 > 15:
-                        l1 -= 16
-                        out[qh + k] |= m1
-                    l2 = np.int32(L[n + k + 32])
-                    if l2 > 15:
-                        l2 -= 16
-                        out[qh + k] |= m2
-                    out[ql + k] = l1 | (l2 << 4)
-                m1 <<= 2
-                m2 <<= 2
-                ql += 32
+                    li = nearest_int((x[xb + 32 * j + k] + dm) / d)
+                    L[32 * j + k] = imax(0, imin(nmax, li))
+            if nmax == 15:
+                q = o + 16
+                for j in range(0, 256, 64):
+                    for k in range(32):
+                        out[q + k] = L[j + k] | (L[j + k + 32] << 4)
+                    q += 32
+            else:
+                # codes 0..31: bit 4 of L[64*n + k] goes to bit 2n of qh[k], that of
+                # L[64*n + 32 + k] to bit 2n + 1; the low nibbles to ql
+                for k in range(32):
+                    h = 0
+                    for n in range(4):
+                        l1 = L[64 * n + k]
+                        l2 = L[64 * n + 32 + k]
+                        h |= ((l1 >> 4) << (2 * n)) | ((l2 >> 4) << (2 * n + 1))
+                        out[o + 48 + 32 * n + k] = (l1 & 15) | ((l2 & 15) << 4)
+                    out[o + 16 + k] = h
 
 
 @njit(cache=True, nogil=True)
