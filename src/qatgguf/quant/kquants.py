@@ -73,84 +73,6 @@ def _update(typingctx, c, new, old):  # type: ignore[no-untyped-def]
     return types.float32(c, new, old), codegen
 
 
-@njit(cache=True, nogil=True)
-def _make_qkx2_quants(
-    x: np.ndarray,
-    xo: int,
-    n: int,
-    nmax: int,
-    w: np.ndarray,
-    L: np.ndarray,
-    lo: int,
-    laux: np.ndarray,
-    rmin: float,
-    rdelta: float,
-    nstep: int,
-    use_mad: bool,
-) -> tuple[float, float]:
-    """Returns (scale, the_min). ref: ggml-quants.c make_qkx2_quants"""
-    fnmax = F32(nmax)
-    mn = x[xo]
-    mx = x[xo]
-    sum_w = w[0]
-    sum_x = sum_w * x[xo]
-    for i in range(1, n):
-        v = x[xo + i]
-        mn = min(mn, v)
-        mx = max(mx, v)
-        sum_w += w[i]
-        sum_x += w[i] * v
-    mn = min(mn, _ZERO)
-    if mx == mn:
-        for i in range(n):
-            L[lo + i] = 0
-        return _ZERO, -mn
-    iscale = fnmax / (mx - mn)
-    scale = _ONE / iscale
-    best_error = _ZERO
-    for i in range(n):
-        v = x[xo + i]
-        li = imax(0, imin(nmax, nearest_int(iscale * (v - mn))))
-        L[lo + i] = li
-        diff = scale * F32(li) + mn - v
-        diff = abs(diff) if use_mad else diff * diff
-        best_error += w[i] * diff
-    if nstep < 1:
-        return scale, -mn
-    for step in range(nstep + 1):
-        iscale = (rmin + rdelta * F32(step) + fnmax) / (mx - mn)
-        sum_l = _ZERO
-        sum_l2 = _ZERO
-        sum_xl = _ZERO
-        for i in range(n):
-            v = x[xo + i]
-            li = imax(0, imin(nmax, nearest_int(iscale * (v - mn))))
-            laux[i] = li
-            fl = F32(li)
-            sum_l += w[i] * fl
-            sum_l2 += w[i] * fl * fl
-            sum_xl += w[i] * fl * v
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > _ZERO:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            if this_min > _ZERO:
-                this_min = _ZERO
-                this_scale = sum_xl / sum_l2
-            cur_error = _ZERO
-            for i in range(n):
-                diff = this_scale * F32(laux[i]) + this_min - x[xo + i]
-                diff = abs(diff) if use_mad else diff * diff
-                cur_error += w[i] * diff
-            if cur_error < best_error:
-                for i in range(n):
-                    L[lo + i] = laux[i]
-                best_error = cur_error
-                scale = this_scale
-                mn = this_min
-    return scale, -mn
-
-
 # rows of the qkx2 search's lane scratch `ln` (one float32 row of lanes each)
 (_MN, _MX, _SW, _SX, _ISC, _SCL, _BEST, _BISC, _BMN) = range(9)
 (_SL, _SL2, _SXL, _ERR, _TSC, _TMN, _D, _FLAT, _FMIN) = range(9, 18)
@@ -635,31 +557,37 @@ class Q6_K(BlockQuant, qtype=T.Q6_K):
 # ---------------------------------------------------------------- Q2_K
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _q2_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
     # ref: ggml-quants.c quantize_row_q2_K_ref; layout scales[16] qs[64] d dmin
     nb = x.size // 256
     L = np.empty(256, np.uint8)
-    laux = np.empty(16, np.uint8)
-    weights = np.empty(16, np.float32)
+    xt = np.empty((16, 16), np.float32)  # [element k][sub-block j]
+    wt = np.empty((16, 16), np.float32)
+    lt = np.empty((16, 16), np.float32)
+    ln = np.empty((_QKX_ROWS, 16), np.float32)
     mins = np.empty(16, np.float32)
     scales = np.empty(16, np.float32)
     q4scale = F32(15.0)
     for i in range(nb):
         xb = i * 256
         o = i * 84
+        for j in range(16):
+            for k in range(16):
+                v = x[xb + 16 * j + k]
+                xt[k, j] = v
+                wt[k, j] = abs(v)
+        _qkx2_lanes(xt, wt, lt, ln, 16, 16, 3, F32(-0.5), 15, True)
         max_scale = _ZERO
         max_min = _ZERO
         for j in range(16):
-            for k in range(16):
-                weights[k] = abs(x[xb + 16 * j + k])
-            sc, mi = _make_qkx2_quants(
-                x, xb + 16 * j, 16, 3, weights, L, 16 * j, laux, F32(-0.5), F32(0.1), 15, True
-            )
+            flat = ln[_FLAT, j] != _ZERO
+            sc = _ZERO if flat else ln[_SCL, j]
+            mi = ln[_FMIN, j] if flat else -ln[_MN, j]
             scales[j] = sc
             mins[j] = mi
-            max_scale = max(max_scale, sc)
-            max_min = max(max_min, mi)
+            max_scale = sc if sc > max_scale else max_scale  # noqa: FURB136 (C order)
+            max_min = mi if mi > max_min else max_min  # noqa: FURB136 (C order)
         if max_scale > _ZERO:
             iscale = q4scale / max_scale
             for j in range(16):
@@ -681,6 +609,16 @@ def _q2_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
         for j in range(16):
             d = dd * F32(out[o + j] & 0xF)
             if d == _ZERO:
+                # keeps the search's codes (zero for a constant sub-block)
+                if ln[_FLAT, j] != _ZERO:
+                    for k in range(16):
+                        L[16 * j + k] = 0
+                else:
+                    s = ln[_BISC, j]
+                    mn = ln[_BMN, j]
+                    for k in range(16):
+                        v = x[xb + 16 * j + k]
+                        L[16 * j + k] = imax(0, imin(3, nearest_int(s * (v - mn))))
                 continue
             dm = dmin * F32(out[o + j] >> 4)
             for k in range(16):
