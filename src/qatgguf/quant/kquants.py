@@ -672,59 +672,6 @@ class Q2_K(BlockQuant, qtype=T.Q2_K):
 
 
 @njit(cache=True, nogil=True)
-def _make_q3_quants_rmse(
-    x: np.ndarray, xo: int, n: int, nmax: int, L: np.ndarray, lo: int
-) -> float:
-    """make_q3_quants with do_rmse=true. ref: ggml-quants.c make_q3_quants"""
-    mx = _ZERO
-    amax = _ZERO
-    for i in range(n):
-        ax = abs(x[xo + i])
-        if ax > amax:
-            amax = ax
-            mx = x[xo + i]
-    if amax < _GROUP_MAX_EPS:
-        for i in range(n):
-            L[lo + i] = 0
-        return _ZERO
-    iscale = -F32(nmax) / mx
-    sumlx = _ZERO
-    suml2 = _ZERO
-    for i in range(n):
-        v = x[xo + i]
-        li = imax(-nmax, imin(nmax - 1, nearest_int(iscale * v)))
-        L[lo + i] = li
-        w = v * v
-        fl = F32(li)
-        sumlx += w * v * fl
-        suml2 += w * fl * fl
-    for _itry in range(5):
-        n_changed = 0
-        for i in range(n):
-            v = x[xo + i]
-            w = v * v
-            fli = F32(L[lo + i])
-            slx = sumlx - w * v * fli
-            if slx > _ZERO:
-                sl2 = suml2 - w * fli * fli
-                new_l = imax(-nmax, imin(nmax - 1, nearest_int(v * sl2 / slx)))
-                if new_l != L[lo + i]:
-                    fnl = F32(new_l)
-                    slx += w * v * fnl
-                    sl2 += w * fnl * fnl
-                    if sl2 > _ZERO and slx * slx * suml2 > sumlx * sumlx * sl2:
-                        L[lo + i] = new_l
-                        sumlx = slx
-                        suml2 = sl2
-                        n_changed += 1
-        if n_changed == 0:
-            break
-    for i in range(n):
-        L[lo + i] += nmax
-    return sumlx / suml2 if suml2 > _ZERO else _ZERO
-
-
-@njit(cache=True, nogil=True)
 def _q3_scale(s: np.ndarray, so: int, j: int) -> int:
     # 6-bit signed sub-block scale: low 4 bits in scales[0..7], high 2 bits in scales[8..11]
     if j < 8:
@@ -735,23 +682,94 @@ def _q3_scale(s: np.ndarray, so: int, j: int) -> int:
     return (lo | (hi << 4)) - 32
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _q3_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
-    # ref: ggml-quants.c quantize_row_q3_K_ref; layout hmask[32] qs[64] scales[12] d
+    # ref: ggml-quants.c quantize_row_q3_K_ref with make_q3_quants(16, 4, x, L, true);
+    # layout hmask[32] qs[64] scales[12] d. The 16 sub-blocks' searches run side by side
+    # (lane j = sub-block j), every lane in C's sequential order. A lane's refinement pass
+    # that changes nothing leaves its state as it was, so later passes change nothing
+    # either: running such a lane on until every lane has stopped is C's early exit.
     nb = x.size // 256
     L = np.empty(256, np.int32)
+    xt = np.empty((16, 16), np.float32)  # [element k][sub-block j]
+    lt = np.empty((16, 16), np.float32)  # codes -4..3 as floats
+    amax = np.empty(16, np.float32)
+    mx = np.empty(16, np.float32)
+    isc = np.empty(16, np.float32)
+    slx = np.empty(16, np.float32)
+    sl2 = np.empty(16, np.float32)
+    nch = np.empty(16, np.float32)
     scales = np.empty(16, np.float32)
+    sc8 = np.empty(16, np.int32)
+    dv = np.empty(16, np.float32)
     for i in range(nb):
         xb = i * 256
         o = i * 110
         so = o + 96
-        max_scale = _ZERO
-        amax = _ZERO
         for j in range(16):
-            sc = _make_q3_quants_rmse(x, xb + 16 * j, 16, 4, L, 16 * j)
+            for k in range(16):
+                xt[k, j] = x[xb + 16 * j + k]
+        for j in range(16):
+            amax[j] = _ZERO
+            mx[j] = _ZERO
+        for k in range(16):
+            for j in range(16):
+                v = xt[k, j]
+                ax = abs(v)
+                gt = ax > amax[j]
+                amax[j] = _update(gt, ax, amax[j])
+                mx[j] = _update(gt, v, mx[j])
+        for j in range(16):
+            # all-zero sub-blocks search on a dummy max; their results are replaced below
+            m = _ONE if amax[j] < _GROUP_MAX_EPS else mx[j]
+            isc[j] = F32(-4.0) / m
+            slx[j] = _ZERO
+            sl2[j] = _ZERO
+        for k in range(16):
+            for j in range(16):
+                v = xt[k, j]
+                fl = _code_f32(isc[j] * v, -4, 3)
+                lt[k, j] = fl
+                w = v * v
+                slx[j] += w * v * fl
+                sl2[j] += w * fl * fl
+        for _itry in range(5):
+            for j in range(16):
+                nch[j] = _ZERO
+            for k in range(16):
+                for j in range(16):
+                    v = xt[k, j]
+                    w = v * v
+                    fli = lt[k, j]
+                    s_lx = slx[j] - w * v * fli
+                    s_l2 = sl2[j] - w * fli * fli
+                    new_l = _code_f32(v * s_l2 / s_lx, -4, 3)
+                    n_lx = s_lx + w * v * new_l
+                    n_l2 = s_l2 + w * new_l * new_l
+                    ok = (
+                        (s_lx > _ZERO)
+                        & (new_l != fli)
+                        & (n_l2 > _ZERO)
+                        & (n_lx * n_lx * sl2[j] > slx[j] * slx[j] * n_l2)
+                    )
+                    lt[k, j] = _update(ok, new_l, fli)
+                    slx[j] = _update(ok, n_lx, slx[j])
+                    sl2[j] = _update(ok, n_l2, sl2[j])
+                    nch[j] += _ONE if ok else _ZERO
+            changed = _ZERO
+            for j in range(16):
+                changed += nch[j]
+            if changed == _ZERO:
+                break
+        max_scale = _ZERO
+        amx = _ZERO
+        for j in range(16):
+            sc = slx[j] / sl2[j] if sl2[j] > _ZERO else _ZERO
+            if amax[j] < _GROUP_MAX_EPS:
+                sc = _ZERO
             scales[j] = sc
-            if abs(sc) > amax:
-                amax = abs(sc)
+            if abs(sc) > amx:
+                amx = abs(sc)
                 max_scale = sc
         for k in range(12):
             out[so + k] = 0
@@ -760,6 +778,7 @@ def _q3_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
             for j in range(16):
                 li = np.int32(np.int8(nearest_int(iscale * scales[j]) & 0xFF))
                 li = imax(-32, imin(31, li)) + 32
+                sc8[j] = li - 32  # what the packed 6 bits read back as
                 if j < 8:
                     out[so + j] = li & 0xF
                 else:
@@ -768,33 +787,36 @@ def _q3_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
                 out[so + j % 4 + 8] |= li << (2 * (j // 4))
             put_f16(out, o + 108, fp32_to_fp16(_ONE / iscale))
         else:
+            for j in range(16):
+                sc8[j] = -32
             put_f16(out, o + 108, fp32_to_fp16(_ZERO))
         dd = get_f16(out, o + 108)
         for j in range(16):
-            sc8 = _q3_scale(out, so, j)
-            d = dd * F32(sc8)
-            if d == _ZERO:
-                continue
+            dv[j] = dd * F32(sc8[j])
+        for k in range(16):
+            for j in range(16):
+                d = dv[j]
+                q = _code_f32(xt[k, j] / d, -4, 3)
+                # where d is zero C keeps the search's codes (zero for an all-zero sub-block)
+                keep = F32(-4.0) if amax[j] < _GROUP_MAX_EPS else lt[k, j]
+                lt[k, j] = (keep if d == _ZERO else q) + F32(4.0)
+        for j in range(16):
             for k in range(16):
-                li = nearest_int(x[xb + 16 * j + k] / d)
-                L[16 * j + k] = imax(-4, imin(3, li)) + 4
+                L[16 * j + k] = np.int32(lt[k, j])
+        # element e: high bit (L >= 4) to bit e // 32 of hmask[e % 32], low bits to qs
         for k in range(32):
-            out[o + k] = 0
-        m = 0
-        hm = 1
-        for j in range(256):
-            if L[j] > 3:
-                out[o + m] |= hm
-                L[j] -= 4
-            m += 1
-            if m == 32:
-                m = 0
-                hm <<= 1
+            h = 0
+            for b in range(8):
+                h |= (L[32 * b + k] >> 2) << b
+            out[o + k] = h
         for j in range(0, 256, 128):
             for k in range(32):
                 out[o + 32 + j // 4 + k] = (
-                    L[j + k] | (L[j + k + 32] << 2) | (L[j + k + 64] << 4) | (L[j + k + 96] << 6)
-                ) & 0xFF
+                    (L[j + k] & 3)
+                    | ((L[j + k + 32] & 3) << 2)
+                    | ((L[j + k + 64] & 3) << 4)
+                    | ((L[j + k + 96] & 3) << 6)
+                )
 
 
 @njit(cache=True, nogil=True)
