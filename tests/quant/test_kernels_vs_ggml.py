@@ -123,3 +123,13 @@ def test_threads_do_not_change_bytes(t: T, monkeypatch: pytest.MonkeyPatch) -> N
     one = quantize(x, t)
     assert np.array_equal(quantize(x, t, threads=3), one)
     assert np.array_equal(one, ggml_quantize(x, t))
+
+
+@pytest.mark.parametrize("t", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("blocks", [1, 3, 7])
+def test_odd_super_block_counts_equal_ggml(t: T, blocks: int) -> None:
+    # the K-quant kernels search super-blocks in pairs; an odd count leaves one alone
+    x = varied_rows(256 * blocks, seed=blocks)
+    for row in x[:12]:
+        assert np.array_equal(quantize(row[None], t), ggml_quantize(row[None], t)), t.name
+    assert np.array_equal(quantize(x, t), ggml_quantize(x, t))
