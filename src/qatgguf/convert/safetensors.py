@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numba import njit
 
 from qatgguf.errors import CheckpointError
 
@@ -119,9 +120,18 @@ def open_tensor(path: Path, entry: TensorEntry) -> np.ndarray:
     return np.memmap(path, dtype=DTYPES[entry.dtype][1], mode="r", offset=entry.begin, shape=entry.shape)
 
 
+@njit(cache=True, nogil=True)
+def _bf16_widen(u: np.ndarray, out: np.ndarray) -> None:
+    for i in range(u.size):
+        out[i] = np.uint32(u[i]) << np.uint32(16)
+
+
 def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
-    """Exact widening: bf16 is the top half of an f32."""
-    return (np.asarray(u16, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    """Exact widening: bf16 is the top half of an f32 (one pass, no temporaries)."""
+    u = np.ascontiguousarray(u16, dtype=np.uint16)
+    out = np.empty(u.shape, np.uint32)
+    _bf16_widen(u.reshape(-1), out.reshape(-1))
+    return out.view(np.float32)
 
 
 def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -130,9 +140,40 @@ def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(raw, dtype=np.float32)
 
 
+@njit(cache=True, nogil=True)
+def _max_magnitude16(u: np.ndarray) -> int:
+    m = np.uint16(0)
+    for i in range(u.size):
+        m = max(m, u[i] & np.uint16(0x7FFF))
+    return m
+
+
+@njit(cache=True, nogil=True)
+def _max_magnitude32(u: np.ndarray) -> int:
+    m = np.uint32(0)
+    for i in range(u.size):
+        m = max(m, u[i] & np.uint32(0x7FFFFFFF))
+    return m
+
+
+# the smallest magnitude bits with the exponent all ones (Inf; above it NaN)
+_NONFINITE_FROM = {"BF16": 0x7F80, "F16": 0x7C00, "F32": 0x7F800000}
+
+
 def nonfinite_rows(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Row indices (over the flattened leading dims) holding NaN or Inf."""
+    """Row indices (over the flattened leading dims) holding NaN or Inf.
+
+    One vectorized pass (the largest magnitude as an integer over the bits without sign);
+    rows are searched only when it finds a value with the exponent all ones."""
     rows = raw.reshape(-1, raw.shape[-1]) if raw.ndim else raw.reshape(1, 1)
+    if dtype in _NONFINITE_FROM and rows.flags.c_contiguous:
+        flat = rows.reshape(-1)
+        if dtype == "F32":
+            top = _max_magnitude32(flat.view(np.uint32))
+        else:
+            top = _max_magnitude16(flat.view(np.uint16))
+        if top < _NONFINITE_FROM[dtype]:
+            return np.empty(0, np.int64)
     if dtype == "BF16":
         bad = (rows & 0x7F80) == 0x7F80  # exponent all ones: Inf or NaN
     else:

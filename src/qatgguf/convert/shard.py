@@ -45,9 +45,10 @@ def _row_chunks(n_rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
 
 def _tensor_chunks(job: TensorJob, fd: int | None, entry: TensorEntry | None,
                    file: str, threads: int = 1) -> Iterator[bytes | memoryview]:
-    """Output bytes of one tensor, a block of rows at a time. Rows are read with pread into
-    a fresh buffer, so memory stays at one block whatever the tensor size (a memory map
-    would keep every touched page resident until the whole tensor is done)."""
+    """Output bytes of one tensor, a block of rows at a time. Rows are read with preadv into
+    one reused buffer, so memory stays at one block whatever the tensor size (a memory map
+    would keep every touched page resident until the whole tensor is done). A yielded
+    block is valid until the next one is asked for."""
     if job.transform == "rope_freqs":
         # ref: conversion/gemma.py Gemma4Model.generate_extra_tensors
         p = job.params
@@ -63,10 +64,13 @@ def _tensor_chunks(job: TensorJob, fd: int | None, entry: TensorEntry | None,
         # embedding trimmed to the vocabulary: the first `rows` rows of a 2-D tensor
         n_rows = job.rows
     same = job.src_dtype == job.qtype and job.transform == "copy"
+    # one buffer per tensor, refilled for each row block: the consumer has written a
+    # yielded block before it asks for the next
+    scratch = memoryview(bytearray(min(n_rows, max(1, CHUNK_BYTES // max(cols * item, 1))) * cols * item))
     for a, b in _row_chunks(n_rows, cols * item):
         want = (b - a) * cols * item
-        buf = os.pread(fd, want, entry.begin + a * cols * item)
-        if len(buf) != want:
+        buf = scratch[:want]
+        if os.preadv(fd, [buf], entry.begin + a * cols * item) != want:
             raise CheckpointError(f"file ends inside this tensor (rows {a}..{b}); the shard is truncated: "
                                   "download it again", file=file, tensor=job.hf_name)
         block = np.frombuffer(buf, dtype=np_dtype).reshape(b - a, cols)
