@@ -97,6 +97,15 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, (bytes, bytearray)):
         return bytes(v).decode("utf-8")
     if isinstance(v, (list, tuple)):
+        # token arrays hold 262k items of one type: convert them without a call per item
+        t0 = type(v[0]) if v else None
+        if t0 is not None and all(type(x) is t0 for x in v):
+            if t0 in (int, float, str, bool):
+                return list(v)
+            if t0 is bytes:
+                return [x.decode("utf-8") for x in v]
+            if issubclass(t0, Enum):
+                return [int(x.value) for x in v]
         return [_jsonable(x) for x in v]
     if hasattr(v, "item"):  # numpy scalars
         return v.item()
@@ -229,10 +238,40 @@ def _add_gemma4_params(w: gguf.GGUFWriter, hp: dict[str, Any], g: TextGeometry, 
                 w.add_array(f"{w.arch}.suppress_tokens", list(supp))
 
 
+class _VocabOnce:
+    """A tokenizer whose `get_vocab()` is built once: the Rust tokenizer builds a fresh
+    dict on every call (about 0.5 s at 262k tokens), and gguf-py's LlamaHfVocab asks once
+    per special token. Everything else passes through."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._vocab: dict[str, int] | None = None
+
+    def get_vocab(self) -> dict[str, int]:
+        if self._vocab is None:
+            self._vocab = self._tokenizer.get_vocab()
+        return self._vocab
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+
+class _HfVocab(gguf.LlamaHfVocab):
+    """gguf-py's LlamaHfVocab (same tokens, scores and types) over `_VocabOnce`."""
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tok
+
+    @tokenizer.setter
+    def tokenizer(self, tok: Any) -> None:
+        self._tok = _VocabOnce(tok)
+
+
 def _add_vocab_gemma4(w: gguf.GGUFWriter, src: Path) -> None:
     """ref: conversion/gemma.py Gemma4Model.set_vocab."""
     try:
-        vocab = gguf.LlamaHfVocab(src)
+        vocab = _HfVocab(src)
     except FileNotFoundError as exc:
         raise CheckpointError(f"tokenizer missing ({exc}); copy tokenizer.json and "
                               "tokenizer_config.json into the checkpoint", file=str(src)) from None
