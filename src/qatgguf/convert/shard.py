@@ -67,8 +67,13 @@ def _tensor_chunks(job: TensorJob, fd: int | None, entry: TensorEntry | None,
     # one buffer per tensor, refilled for each row block: the consumer has written a
     # yielded block before it asks for the next
     scratch = memoryview(bytearray(min(n_rows, max(1, CHUNK_BYTES // max(cols * item, 1))) * cols * item))
-    for a, b in _row_chunks(n_rows, cols * item):
+    chunks = list(_row_chunks(n_rows, cols * item))
+    for ci, (a, b) in enumerate(chunks):
         want = (b - a) * cols * item
+        if ci + 1 < len(chunks) and hasattr(os, "posix_fadvise"):
+            # the kernel reads the next block ahead while this one is converted and written
+            na, nb = chunks[ci + 1]
+            os.posix_fadvise(fd, entry.begin + na * cols * item, (nb - na) * cols * item, os.POSIX_FADV_WILLNEED)
         buf = scratch[:want]
         if os.preadv(fd, [buf], entry.begin + a * cols * item) != want:
             raise CheckpointError(f"file ends inside this tensor (rows {a}..{b}); the shard is truncated: "
