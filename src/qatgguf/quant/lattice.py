@@ -94,7 +94,7 @@ def _scan_codes(
         ki = nearest_int(x[b + j] * inv_s)
         k[j] = ki
         nz = u != np.uint32(0)
-        bad |= nz and ki == 0
+        bad |= nz & (ki == 0)
         # zero weights have k = 0, inside every [kl, kh]
         kl = imin(kl, ki)
         kh = imax(kh, ki)
@@ -247,7 +247,7 @@ def _grid_blocks(
                         r16 = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> (
                             np.uint32(16)
                         )
-                        exact &= u == 0 or r16 == (u >> np.uint32(16))
+                        exact &= (u == 0) | (r16 == (u >> np.uint32(16)))
                 if exact:
                     dist = abs(c - s_ls)
                     if dist < best_any_dist:
