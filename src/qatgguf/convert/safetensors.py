@@ -141,18 +141,12 @@ def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _max_magnitude16(u: np.ndarray) -> int:
-    m = np.uint16(0)
-    for i in range(u.size):
-        m = max(m, u[i] & np.uint16(0x7FFF))
-    return m
-
-
-@njit(cache=True, nogil=True)
-def _max_magnitude32(u: np.ndarray) -> int:
-    m = np.uint32(0)
-    for i in range(u.size):
-        m = max(m, u[i] & np.uint32(0x7FFFFFFF))
+def _max_magnitude(u: np.ndarray, sign_off: int) -> int:
+    """The largest value of the bits without the sign (`sign_off` masks the sign away),
+    an integer max that vectorizes; for floats the order of magnitudes."""
+    m = u[0] & sign_off
+    for i in range(1, u.size):
+        m = max(m, u[i] & sign_off)
     return m
 
 
@@ -168,10 +162,12 @@ def nonfinite_rows(raw: np.ndarray, dtype: str) -> np.ndarray:
     rows = raw.reshape(-1, raw.shape[-1]) if raw.ndim else raw.reshape(1, 1)
     if dtype in _NONFINITE_FROM and rows.flags.c_contiguous:
         flat = rows.reshape(-1)
+        if not flat.size:
+            return np.empty(0, np.int64)
         if dtype == "F32":
-            top = _max_magnitude32(flat.view(np.uint32))
+            top = _max_magnitude(flat.view(np.uint32), np.uint32(0x7FFFFFFF))
         else:
-            top = _max_magnitude16(flat.view(np.uint16))
+            top = _max_magnitude(flat.view(np.uint16), np.uint16(0x7FFF))
         if top < _NONFINITE_FROM[dtype]:
             return np.empty(0, np.int64)
     if dtype == "BF16":

@@ -394,6 +394,28 @@ class Q5_K(BlockQuant, qtype=T.Q5_K):
     dequantize_blocks = staticmethod(_q5_k_dequantize)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _lanes16_max(
+    x: np.ndarray, xb: int, xt: np.ndarray, amax: np.ndarray, mx: np.ndarray
+) -> None:
+    """Transpose the super-block at xb into xt[k, j] (element k of 16-element sub-block j)
+    and find each sub-block's first element of largest magnitude, as make_qx_quants and
+    make_q3_quants do (`if (ax > amax) { amax = ax; max = x[i]; }`): amax[j], mx[j]."""
+    for j in range(16):
+        for k in range(16):
+            xt[k, j] = x[xb + 16 * j + k]
+    for j in range(16):
+        amax[j] = _ZERO
+        mx[j] = _ZERO
+    for k in range(16):
+        for j in range(16):
+            v = xt[k, j]
+            ax = abs(v)
+            gt = ax > amax[j]
+            amax[j] = _update(gt, ax, amax[j])
+            mx[j] = _update(gt, v, mx[j])
+
+
 # ---------------------------------------------------------------- Q6_K
 
 
@@ -417,19 +439,7 @@ def _q6_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
     for i in range(nb):
         xb = i * 256
         o = i * 210
-        for j in range(16):
-            for k in range(16):
-                xt[k, j] = x[xb + 16 * j + k]
-        for j in range(16):
-            amax[j] = _ZERO
-            mx[j] = _ZERO
-        for k in range(16):
-            for j in range(16):
-                v = xt[k, j]
-                ax = abs(v)
-                gt = ax > amax[j]
-                amax[j] = ax if gt else amax[j]
-                mx[j] = v if gt else mx[j]
+        _lanes16_max(x, xb, xt, amax, mx)
         for j in range(16):
             # all-zero sub-blocks search on a dummy max; their results are replaced below
             if amax[j] < _GROUP_MAX_EPS:
@@ -706,19 +716,7 @@ def _q3_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
         xb = i * 256
         o = i * 110
         so = o + 96
-        for j in range(16):
-            for k in range(16):
-                xt[k, j] = x[xb + 16 * j + k]
-        for j in range(16):
-            amax[j] = _ZERO
-            mx[j] = _ZERO
-        for k in range(16):
-            for j in range(16):
-                v = xt[k, j]
-                ax = abs(v)
-                gt = ax > amax[j]
-                amax[j] = _update(gt, ax, amax[j])
-                mx[j] = _update(gt, v, mx[j])
+        _lanes16_max(x, xb, xt, amax, mx)
         for j in range(16):
             # all-zero sub-blocks search on a dummy max; their results are replaced below
             m = _ONE if amax[j] < _GROUP_MAX_EPS else mx[j]
