@@ -37,6 +37,7 @@ from numba import njit
 from qatgguf.errors import CheckpointError, QuantizationError
 from qatgguf.quant._fp import (
     F32,
+    MAGIC_NEAREST,
     bits_f32,
     f32_bits,
     fp16_to_fp32,
@@ -80,15 +81,17 @@ def _scan_codes(
     j1: int,
     inv_s: float,
     k: np.ndarray,
+    kf: np.ndarray,
     bad: bool,
     kl: int,
     kh: int,
     lo_bits: int,
     hi_bits: int,
 ) -> tuple[bool, int, int, int, int]:
-    """Codes k[j] = rint(w_j / s) for j in [j0, j1) of the block at b, folded into the
-    running verdict: `bad` (a nonzero weight with code 0), the code range [kl, kh] and the
-    intersection of the scale intervals, as float32 bits [lo_bits, hi_bits]."""
+    """Codes k[j] = rint(w_j / s) (and kf[j] = |k[j]| as float32) for j in [j0, j1) of the
+    block at b, folded into the running verdict: `bad` (a nonzero weight with code 0), the
+    code range [kl, kh] and the intersection of the scale intervals, as float32 bits
+    [lo_bits, hi_bits]."""
     for j in range(j0, j1):
         u = xu[b + j] & _ABS
         ki = nearest_int(x[b + j] * inv_s)
@@ -98,11 +101,16 @@ def _scan_codes(
         # zero weights have k = 0, inside every [kl, kh]
         kl = imin(kl, ki)
         kh = imax(kh, ki)
+        # |k| as a float from float operations (numba's int64 -> float cast does not
+        # vectorize): y + 1.5*2**23 rounds y to an integer as nearest_int does (|y| <= 8
+        # whenever the codes can fit; otherwise ki already rejects the scale)
+        ka = abs((x[b + j] * inv_s + MAGIC_NEAREST) - MAGIC_NEAREST)
+        kf[j] = ka
         # bf16 rounding interval of |w| (midpoints to the neighbours, exact in f32) / |k|;
         # a reciprocal product is within 2 ulps, far inside the 2**-20 margin the caller
         # uses. 1/|k| in float32 equals the rounded double 1/|k| for |k| <= 16; the bounds
         # are >= 0, so their max/min is the integer max/min of their bits
-        r = F32(1.0) / F32(imax(abs(ki), 1))
+        r = F32(1.0) / max(ka, F32(1.0))
         lo = f32_bits(bits_f32(np.uint32(u - np.uint32(0x8000))) * r)
         hi = f32_bits(bits_f32(np.uint32(u + np.uint32(0x8000))) * r)
         lo_bits = imax(lo_bits, lo if nz else np.uint32(0))
@@ -133,6 +141,7 @@ def _grid_blocks(
     xu = x.view(np.uint32)
     nb = x.size // bs
     k = np.empty(bs, np.int32)
+    kf = np.empty(bs, np.float32)  # |k| as float32
     for i in range(nb):
         b = i * bs
         o = i * ts
@@ -163,7 +172,7 @@ def _grid_blocks(
                 # The first 8 weights go first: they alone reject most wrong scales (and
                 # plain weights) at a quarter of the cost.
                 bad, kl, kh, lo_bits, hi_bits = _scan_codes(
-                    x, xu, b, 0, 8, inv_s, k, False, 0, 0, np.uint32(0), _EXP_ALL
+                    x, xu, b, 0, 8, inv_s, k, kf, False, 0, 0, np.uint32(0), _EXP_ALL
                 )
                 if (
                     bad
@@ -172,7 +181,7 @@ def _grid_blocks(
                 ):
                     continue
                 bad, kl, kh, lo_bits, hi_bits = _scan_codes(
-                    x, xu, b, 8, bs, inv_s, k, bad, kl, kh, lo_bits, hi_bits
+                    x, xu, b, 8, bs, inv_s, k, kf, bad, kl, kh, lo_bits, hi_bits
                 )
                 lo_max = bits_f32(np.uint32(lo_bits))
                 hi_min = bits_f32(np.uint32(hi_bits))
@@ -190,20 +199,20 @@ def _grid_blocks(
                 # exact and any summation order gives C's sequential result. Eight
                 # independent partial sums let the adds overlap.
                 a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = F32(0.0)
-                sum_kk = 0
+                sum_kk = F32(0.0)  # at most 256 * 8**2: exact in float32
                 for j in range(0, bs, 8):
-                    a0 += abs(x[b + j]) * F32(abs(k[j]))
-                    a1 += abs(x[b + j + 1]) * F32(abs(k[j + 1]))
-                    a2 += abs(x[b + j + 2]) * F32(abs(k[j + 2]))
-                    a3 += abs(x[b + j + 3]) * F32(abs(k[j + 3]))
-                    a4 += abs(x[b + j + 4]) * F32(abs(k[j + 4]))
-                    a5 += abs(x[b + j + 5]) * F32(abs(k[j + 5]))
-                    a6 += abs(x[b + j + 6]) * F32(abs(k[j + 6]))
-                    a7 += abs(x[b + j + 7]) * F32(abs(k[j + 7]))
+                    a0 += abs(x[b + j]) * kf[j]
+                    a1 += abs(x[b + j + 1]) * kf[j + 1]
+                    a2 += abs(x[b + j + 2]) * kf[j + 2]
+                    a3 += abs(x[b + j + 3]) * kf[j + 3]
+                    a4 += abs(x[b + j + 4]) * kf[j + 4]
+                    a5 += abs(x[b + j + 5]) * kf[j + 5]
+                    a6 += abs(x[b + j + 6]) * kf[j + 6]
+                    a7 += abs(x[b + j + 7]) * kf[j + 7]
                 for j in range(bs):
-                    sum_kk += k[j] * k[j]
+                    sum_kk += kf[j] * kf[j]
                 sum_wk = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
-                s_ls = sum_wk / F32(sum_kk)
+                s_ls = sum_wk / sum_kk
                 s_lo = lo_max
                 s_hi = hi_min
                 m = mm
@@ -243,7 +252,7 @@ def _grid_blocks(
                 if not (c > in_lo and c < in_hi):
                     for j in range(bs):
                         u = xu[b + j] & np.uint32(0x7FFFFFFF)
-                        v = f32_bits(c * F32(abs(k[j])))
+                        v = f32_bits(c * kf[j])
                         r16 = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> (
                             np.uint32(16)
                         )
