@@ -64,10 +64,10 @@ def _tensor_chunks(job: TensorJob, fd: int | None, entry: TensorEntry | None,
         # embedding trimmed to the vocabulary: the first `rows` rows of a 2-D tensor
         n_rows = job.rows
     same = job.src_dtype == job.qtype and job.transform == "copy"
+    chunks = list(_row_chunks(n_rows, cols * item))
     # one buffer per tensor, refilled for each row block: the consumer has written a
     # yielded block before it asks for the next
-    scratch = memoryview(bytearray(min(n_rows, max(1, CHUNK_BYTES // max(cols * item, 1))) * cols * item))
-    chunks = list(_row_chunks(n_rows, cols * item))
+    scratch = memoryview(bytearray(max((b - a for a, b in chunks), default=0) * cols * item))
     for ci, (a, b) in enumerate(chunks):
         want = (b - a) * cols * item
         if ci + 1 < len(chunks) and hasattr(os, "posix_fadvise"):
@@ -107,7 +107,7 @@ def convert_shard(plan: ConversionPlan, index: int, out_part: Path, *, threads: 
     """Convert shard job `index` of `plan` into the part file `out_part`, quantizing on
     `threads` threads (default: `quant.default_threads()`).
 
-    Reads only that shard (memory-mapped, one tensor at a time). Raises `CheckpointError`
+    Reads only that shard, one block of rows at a time. Raises `CheckpointError`
     if the shard changed since planning, `NonFiniteError` for NaN/Inf, `QuantizationError`
     when a tensor cannot be quantized as the recipe asks."""
     if not 0 <= index < len(plan.shards):
