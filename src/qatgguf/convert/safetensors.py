@@ -19,6 +19,7 @@ import numpy as np
 from numba import njit
 
 from qatgguf.errors import CheckpointError
+from qatgguf.quant._fp import max_magnitude
 
 # dtype name -> (bytes per element, numpy view dtype). BF16 is viewed as uint16.
 DTYPES: dict[str, tuple[int, str]] = {
@@ -140,16 +141,6 @@ def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(raw, dtype=np.float32)
 
 
-@njit(cache=True, nogil=True)
-def _max_magnitude(u: np.ndarray, sign_off: int) -> int:
-    """The largest value of the bits without the sign (`sign_off` masks the sign away),
-    an integer max that vectorizes; for floats the order of magnitudes."""
-    m = u[0] & sign_off
-    for i in range(1, u.size):
-        m = max(m, u[i] & sign_off)
-    return m
-
-
 # the smallest magnitude bits with the exponent all ones (Inf; above it NaN)
 _NONFINITE_FROM = {"BF16": 0x7F80, "F16": 0x7C00, "F32": 0x7F800000}
 
@@ -165,9 +156,9 @@ def nonfinite_rows(raw: np.ndarray, dtype: str) -> np.ndarray:
         if not flat.size:
             return np.empty(0, np.int64)
         if dtype == "F32":
-            top = _max_magnitude(flat.view(np.uint32), np.uint32(0x7FFFFFFF))
+            top = max_magnitude(flat.view(np.uint32), np.uint32(0x7FFFFFFF))
         else:
-            top = _max_magnitude(flat.view(np.uint16), np.uint16(0x7FFF))
+            top = max_magnitude(flat.view(np.uint16), np.uint16(0x7FFF))
         if top < _NONFINITE_FROM[dtype]:
             return np.empty(0, np.int64)
     if dtype == "BF16":

@@ -172,3 +172,14 @@ def put_f16(out: np.ndarray, o: int, h: int) -> None:
 def get_f16(data: np.ndarray, o: int) -> float:
     """Read the little-endian fp16 at byte offset o as float32."""
     return fp16_to_fp32(np.uint16(data[o]) | (np.uint16(data[o + 1]) << np.uint16(8)))
+
+
+@njit(cache=True, nogil=True)
+def max_magnitude(u: np.ndarray, sign_off: int) -> int:
+    """The largest `u[i] & sign_off` of float bits `u` (uint16 or uint32; `sign_off` masks
+    the sign away): an integer max that vectorizes, in the order of the magnitudes. NaN and
+    Inf are the values at or above the all-ones exponent. `u` must not be empty."""
+    m = u[0] & sign_off
+    for i in range(1, u.size):
+        m = max(m, u[i] & sign_off)
+    return m

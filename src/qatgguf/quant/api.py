@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType
 from numba import njit
 
 from qatgguf.errors import BlockSizeError, NonFiniteError, QuantizationError, UnknownQuantTypeError
+from qatgguf.quant._fp import max_magnitude
 from qatgguf.quant.registry import KERNELS, _load_kernels, kernel_for, type_size
 
 # Rows are converted and quantized this many float32 elements at a time, so memory beyond
@@ -98,10 +99,7 @@ def row_bytes(qtype: str | int | GGMLQuantizationType, n: int) -> int:
 def _first_nonfinite(u: np.ndarray) -> int:
     # An integer max over the magnitude bits vectorizes; the position is searched only
     # when the chunk holds a NaN or Inf (exponent bits all ones).
-    m = np.uint32(0)
-    for i in range(u.size):
-        m = max(m, u[i] & np.uint32(0x7FFFFFFF))
-    if m < np.uint32(0x7F800000):
+    if u.size == 0 or max_magnitude(u, np.uint32(0x7FFFFFFF)) < np.uint32(0x7F800000):
         return -1
     for i in range(u.size):
         if (u[i] & np.uint32(0x7FFFFFFF)) >= np.uint32(0x7F800000):
