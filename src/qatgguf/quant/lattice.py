@@ -102,8 +102,9 @@ def _scan_codes(
         kl = imin(kl, ki)
         kh = imax(kh, ki)
         # |k| as a float from float operations (numba's int64 -> float cast does not
-        # vectorize): y + 1.5*2**23 rounds y to an integer as nearest_int does (|y| <= 8
-        # whenever the codes can fit; otherwise ki already rejects the scale)
+        # vectorize): y + 1.5*2**23 rounds y to an integer as nearest_int does, since
+        # |y| <= 8 (|w| <= amax = m*s) for a finite 1/s; an infinite one (s underflowed)
+        # gives codes far outside every range, and the scale is rejected
         ka = abs((x[b + j] * inv_s + MAGIC_NEAREST) - MAGIC_NEAREST)
         kf[j] = ka
         # bf16 rounding interval of |w| (midpoints to the neighbours, exact in f32) / |k|;
