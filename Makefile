@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qatgguf-installed
 
-.PHONY: install release-demo test bench clean-runs
+.PHONY: install llama-tools release-demo test bench clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,10 +18,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# llama.cpp's tools (llama-perplexity, llama-quantize, llama-gguf-split), built once per
+# machine from the installed llama-cpp-python's sources, run against its libraries: the
+# tests' oracle for every number llama.cpp computes
+llama-tools: $(STAMP)
+	$(BIN)/python -m qatgguf.llamacpp
+
 release-demo: $(STAMP)
 	$(BIN)/qatgguf release tiny-family
 
-test: $(STAMP)
+test: llama-tools
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -150,7 +150,7 @@ def main() -> int:
     ap.add_argument("--size", default="31b", choices=sorted(SIZES))
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--llama-cpp-src", type=Path,
-                    default=Path(os.environ.get("QATGGUF_LLAMA_CPP_SRC", "/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp")))
+                    default=None, help="llama.cpp source (default: the installed llama-cpp-python's)")
     ap.add_argument("--recipes", default="bf16,q8_0,q4_0")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the GGUF outputs")
@@ -160,6 +160,7 @@ def main() -> int:
     ckpt = build_checkpoint(args.workdir / f"ckpt-{args.size}-{args.layers}L", args.size, args.layers)
     src_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     from qatgguf.convert.safetensors import read_header
+    from qatgguf.llamacpp import vendored_llama_cpp
 
     largest = max(e.nbytes for p in ckpt.glob("*.safetensors") for e in read_header(p).tensors.values())
     print(f"checkpoint {ckpt}: {src_bytes / 1e9:.2f} GB, largest tensor {largest / 1e6:.0f} MB")
@@ -185,7 +186,7 @@ def main() -> int:
                 (out / f"ours-{r}.gguf").unlink()
         if args.skip_baseline:
             continue
-        conv = args.llama_cpp_src / "convert_hf_to_gguf.py"
+        conv = (args.llama_cpp_src or vendored_llama_cpp()) / "convert_hf_to_gguf.py"
         dt_c, peak_c = _peak_child([sys.executable, str(conv), str(ckpt), "--outtype", "bf16", "--outfile",
                                     str(out / "ref-bf16.gguf")])
         if conv_best is None or dt_c < conv_best[0]:

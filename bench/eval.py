@@ -25,13 +25,7 @@ from qatgguf.evaluate import (
     evaluate_chunks,
     merge,
 )
-from qatgguf.evaluate.reference import (
-    build_llama_perplexity,
-    common_args,
-    find_llama_perplexity,
-    parse_kld_summary,
-    run_tool,
-)
+from qatgguf.evaluate.reference import common_args, llama_perplexity, parse_kld_summary, run_tool
 
 MODELS = ROOT / "tests" / "evaluate" / "golden" / "models"
 
@@ -59,7 +53,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--tool", type=Path, default=None)
     a = ap.parse_args()
-    tool = a.tool or find_llama_perplexity() or build_llama_perplexity()
+    tool = a.tool or llama_perplexity()
     common = common_args(
         ctx=a.ctx, batch=a.batch, ubatch=a.ubatch, flash_attn=a.flash_attn, threads=a.threads
     )

@@ -21,3 +21,14 @@ def tiny_family() -> dict[str, Path]:
     from qatgguf.fixtures import build_family
 
     return build_family(_cache_root() / "fixtures")
+
+
+@pytest.fixture(scope="session")
+def llama_tools() -> dict[str, Path]:
+    """llama.cpp's command-line tools (llama-perplexity, llama-quantize, llama-gguf-split),
+    built once per machine from the installed llama-cpp-python's sources and run against
+    its libraries: the oracle for anything llama.cpp computes. `make test` builds them
+    first; a failed build fails the tests that need them."""
+    from qatgguf.llamacpp import ensure_tools
+
+    return ensure_tools()

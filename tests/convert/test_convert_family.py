@@ -13,6 +13,7 @@ from qatgguf.convert import convert, plan_conversion
 
 FAMILY = ["E2B", "E4B", "12B", "26B-A4B", "31B"]
 
+
 def _reference(ckpt, ids):
     import torch
     from transformers import AutoModelForCausalLM
@@ -21,8 +22,6 @@ def _reference(ckpt, ids):
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
-    corpus = load_corpus()
-    return getattr(corpus, "eval_text", None) or "\n".join(getattr(corpus, "texts", []) or [str(corpus)])
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILY)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from qatgguf.llamacpp import vendored_llama_cpp
 
 VOCAB = 1024
 SPEC = {
@@ -30,9 +31,6 @@ SPEC = {
     "vocab": VOCAB,
     "version": 3,
 }
-LLAMA_CPP_SRC = Path(
-    os.environ.get("QATGGUF_LLAMA_CPP_SRC", "/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp")
-)
 
 
 def _train(hf_dir: Path, text: str) -> None:
@@ -125,7 +123,7 @@ def build_tiny_ggufs(corpus: Path, root: Path) -> dict[str, Path]:
         subprocess.run(
             [
                 sys.executable,
-                str(LLAMA_CPP_SRC / "convert_hf_to_gguf.py"),
+                str(vendored_llama_cpp() / "convert_hf_to_gguf.py"),
                 str(hf),
                 "--outtype",
                 "bf16",

@@ -24,10 +24,15 @@ def _q4_codes(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.sign(d), codes
 
 
-@pytest.mark.parametrize("recipe", ["uniform", "max/-8", "amax/7.5", "amax/7"])
-@pytest.mark.parametrize("rounding", ["f32", "f16", "bf16"])
+RECIPES = ["uniform", "max/-8", "amax/7.5", "amax/7"]
+ROUNDINGS = ["f32", "f16", "bf16"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_q4_0_grid_recovers_codes_and_weights(recipe: str, rounding: str) -> None:
-    w, k, s = qat4(NBLOCKS, recipe, rounding, seed=hash((recipe, rounding)) % 1000)
+    # a fixed seed per case: the same data on every run and machine
+    w, k, s = qat4(NBLOCKS, recipe, rounding, seed=100 + 10 * RECIPES.index(recipe) + ROUNDINGS.index(rounding))
     q = quantize(w.reshape(64, -1), T.Q4_0, grid="qat").reshape(NBLOCKS, 18)
     sign_d, codes = _q4_codes(q)
     codes_ok = np.all(sign_d[:, None] * codes == np.sign(s)[:, None] * k, axis=1)

@@ -1,90 +1,27 @@
-"""The real `llama-perplexity` as a reference: build it from the llama-cpp-python source
-distribution, run it, and parse its summary. Used by tests and bench/, not by releases.
+"""The real `llama-perplexity` as a reference: run it (built by `qatgguf.llamacpp` from the
+installed llama-cpp-python's sources, against its libraries) and parse its summary.
 
-The tool exits 0 even on errors and may lose its last lines (its async log is not
-flushed at exit; llamacpp-runtime.md §5), so a run without the summary is retried and
-then reported as an error with the output's tail.
+The tool exits 0 even on errors and may lose its last lines (ref: common/log.cpp: the log
+is written by a worker thread that main() does not join before exit), so a run without
+the summary is retried and then reported as an error with the output's tail.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 from qatgguf.errors import EvaluationError
-
-SDIST_VERSION = "0.3.36"
-_CMAKE_FLAGS = (
-    "-DCMAKE_BUILD_TYPE=Release",
-    "-DLLAMA_CURL=OFF",
-    "-DLLAMA_OPENSSL=OFF",
-    "-DGGML_NATIVE=ON",
-    "-DBUILD_SHARED_LIBS=OFF",
-    "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_SERVER=OFF",
-    "-DLLAMA_BUILD_TOOLS=ON",
-)
+from qatgguf.llamacpp import tool_env
 
 
-def tools_dir() -> Path:
-    return Path(os.environ.get("QATGGUF_CACHE", Path.home() / ".cache" / "qatgguf")) / "llama-tools"
+def llama_perplexity() -> Path:
+    """The `llama-perplexity` of the installed llama.cpp, built on first use
+    (`qatgguf.llamacpp.ensure_tools`) and run against the installed libraries."""
+    from qatgguf.llamacpp import ensure_tools
 
-
-def find_llama_perplexity() -> Path | None:
-    """$QATGGUF_LLAMA_PERPLEXITY, else a previous build in the cache, else PATH."""
-    env = os.environ.get("QATGGUF_LLAMA_PERPLEXITY")
-    if env and Path(env).is_file():
-        return Path(env)
-    built = tools_dir() / "build" / "bin" / "llama-perplexity"
-    if built.is_file():
-        return built
-    found = shutil.which("llama-perplexity")
-    return Path(found) if found else None
-
-
-def build_llama_perplexity(src: Path | None = None, *, jobs: int = 2) -> Path:
-    """Build only the `llama-perplexity` target (static) from the llama.cpp that
-    llama-cpp-python's sdist vendors; `src` is that llama.cpp folder, downloaded with pip
-    into the cache when not given. Minutes on two cores."""
-    root = tools_dir()
-    if src is None:
-        sdist_dir = root / "sdist"
-        src = sdist_dir / f"llama_cpp_python-{SDIST_VERSION}" / "vendor" / "llama.cpp"
-        if not src.is_dir():
-            sdist_dir.mkdir(parents=True, exist_ok=True)
-            subprocess.run(
-                [
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--no-binary",
-                    ":all:",
-                    f"llama-cpp-python=={SDIST_VERSION}",
-                    "-d",
-                    str(sdist_dir),
-                ],
-                check=True,
-                capture_output=True,
-            )
-            subprocess.run(
-                ["tar", "xzf", f"llama_cpp_python-{SDIST_VERSION}.tar.gz"],
-                cwd=sdist_dir,
-                check=True,
-            )
-    build = root / "build"
-    subprocess.run(
-        ["cmake", "-S", str(src), "-B", str(build), *_CMAKE_FLAGS], check=True, capture_output=True
-    )
-    subprocess.run(
-        ["cmake", "--build", str(build), "--target", "llama-perplexity", "-j", str(jobs)],
-        check=True,
-        capture_output=True,
-    )
-    return build / "bin" / "llama-perplexity"
+    return ensure_tools()["llama-perplexity"]
 
 
 _NUM = r"([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
@@ -141,7 +78,8 @@ def run_tool(
     text = ""
     for _ in range(retries):
         p = subprocess.run(
-            [str(tool), *args], capture_output=True, text=True, timeout=timeout, check=False
+            [str(tool), *args], capture_output=True, text=True, timeout=timeout, check=False,
+            env=tool_env(),
         )
         text = p.stdout + p.stderr
         if p.returncode == 0 and must_contain in text:
