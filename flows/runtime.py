@@ -17,10 +17,13 @@ from prefect_ray.context import remote_options
 
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
 
-# Environment that Ray worker processes need to report task runs to the same Prefect API
-# and to find the same caches; secrets are not listed (workers inherit them from the
-# raylet's environment on a local cluster, or from the cluster's own configuration).
-_FORWARDED_ENV = ("PREFECT_API_URL", "QATGGUF_CACHE", "PREFECT_HOME", "HF_ENDPOINT", "HF_HUB_DISABLE_XET")
+# Environment that Ray worker processes need to report task runs (and the core's log
+# lines) to the same Prefect API. Nothing secret and nothing machine-local: Ray keeps
+# runtime_env in its GCS and shows it on the dashboard, and each node has its own caches.
+# Tokens and keys reach workers from their node's own environment (the cluster's secret
+# store), never from here.
+_FORWARDED_ENV = ("PREFECT_API_URL", "PREFECT_LOGGING_EXTRA_LOGGERS", "HF_HUB_DISABLE_XET")
+LOGGERS = "qatgguf"
 
 
 def _healthy(api_url: str, timeout: float = 2.0) -> bool:
@@ -68,6 +71,7 @@ class ReleaseRayTaskRunner(RayTaskRunner):
         env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
         if PREFECT_API_URL.value():
             env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+        env.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", LOGGERS)
         kwargs = dict(self.init_kwargs or {})
         runtime_env = dict(kwargs.get("runtime_env") or {})
         runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **env}
@@ -87,17 +91,25 @@ def ray_task_runner(address: str | None = None, *, num_cpus: int | None = None) 
 
 
 @contextmanager
-def shard_resources() -> Iterator[None]:
-    # A shard task is single-threaded numpy/numba work; Ray must not retry it silently.
-    with remote_options(num_cpus=1, max_retries=0):
+def task_resources(*, memory: int, num_cpus: int = 1, gpu: bool = False) -> Iterator[None]:
+    """Ray resources of the tasks submitted inside: the memory their plan says they need
+    (so a 31B shard lands on a node with room for it), CPUs, a GPU when asked. Ray must
+    not retry silently: retries are Prefect's, so they show in the UI."""
+    with remote_options(num_cpus=num_cpus, num_gpus=1 if gpu else 0, memory=int(memory), max_retries=0):
         yield
 
 
 @contextmanager
-def eval_resources() -> Iterator[None]:
-    """One CPU per evaluation range, and a GPU where the cluster has one."""
+def eval_resources() -> Iterator[bool]:
+    """Whether evaluation tasks take a GPU: only when the installed llama.cpp can offload
+    and the cluster has one."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
-    with remote_options(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=0):
-        yield
+    yield bool(gpus) and gpu_offload_supported()
+
+
+def gpu_offload_supported() -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())

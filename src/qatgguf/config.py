@@ -44,10 +44,34 @@ class EvalConfig(_Strict):
     batch: int = Field(2048, ge=1)  # llama-perplexity -b: chunks per batch = batch / ctx
     threads: int = Field(1, ge=1)
 
+    def range_tasks(self) -> int:
+        """Evaluation tasks per file: `chunk_tasks`, but never more than the batches of
+        `chunks` (ranges start on batch boundaries, so a range holds whole batches)."""
+        if self.chunks is None:
+            return self.chunk_tasks
+        n_seq = max(1, self.batch // self.ctx)
+        return max(1, min(self.chunk_tasks, -(-self.chunks // n_seq)))
+
 
 class StoreConfig(_Strict):
     url: str = "runs/store"  # local path, file:///…, or s3://bucket/prefix
     endpoint_url: str | None = None  # S3-compatible endpoint; credentials come from the AWS chain
+
+
+# ref: Hugging Face Hub storage limits: 50 GB per file (split larger GGUFs with gguf-split)
+HUB_FILE_LIMIT = 50 * 1000**3
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)B?$", re.IGNORECASE)
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a size like `50G`, `2G`, `512M` (decimal units, as gguf-split's
+    --split-max-size reads them)."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(str(value).strip())
+    if not m:
+        raise ValueError(f"size {value!r} is not a byte count or a number with K, M, G or T (e.g. 50G)")
+    return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2).upper() or " "))
 
 
 class PublishConfig(_Strict):
@@ -55,11 +79,26 @@ class PublishConfig(_Strict):
     local_root: str = "runs/hub"
     endpoint: str | None = None  # Hub endpoint; the token comes from HF_TOKEN
     private: bool = False
+    # files above this are written as gguf-split parts (<name>-00001-of-0000N.gguf)
+    split_max_size: int = Field(HUB_FILE_LIMIT, ge=1024 * 1024)
+
+    @field_validator("split_max_size", mode="before")
+    @classmethod
+    def _size(cls, v: object) -> int:
+        return parse_size(v)  # type: ignore[arg-type]
+
+
+class SourcesConfig(_Strict):
+    """Where sources are read from (credentials come from each machine's environment)."""
+
+    hf_endpoint: str | None = None  # None: HF_ENDPOINT, else the Hub
+    s3_endpoint: str | None = None  # None: the store's endpoint_url
 
 
 class RayConfig(_Strict):
     address: str = "local"  # "local" starts a private instance; "auto" or host:port joins one
     num_cpus: int | None = None
+    shard_cpus: int = Field(1, ge=1)  # CPUs per shard task (the kernels quantize rows in threads)
 
 
 class ModelConfig(_Strict):
@@ -100,7 +139,9 @@ class ReleaseConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     store: StoreConfig = StoreConfig()
     publish: PublishConfig = PublishConfig()
+    sources: SourcesConfig = SourcesConfig()
     ray: RayConfig = RayConfig()
+    retention: int = Field(5, ge=1)  # `qatgguf gc` keeps what the last N releases used
 
     @model_validator(mode="after")
     def _unique(self) -> ReleaseConfig:

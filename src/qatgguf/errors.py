@@ -24,6 +24,7 @@ class CheckpointError(QatGgufError, ValueError):
     def __init__(self, message: str, *, file: str | None = None, tensor: str | None = None):
         self.file = file
         self.tensor = tensor
+        self.message = message
         parts = []
         if file:
             parts.append(f"{file}")

@@ -165,3 +165,71 @@ def test_unknown_recipe_and_unmatched_pattern(ckpt):
                  rules=base.rules + (Rule(pattern=r"^nonexistent\.weight$", qtype="Q8_0"),))
     with pytest.raises(ConfigError, match=r"nonexistent"):
         plan_conversion(ckpt, recipe=bad)
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/model.safetensors",
+                                  "model.bin", ".."])
+def test_index_weight_map_names_only_bare_shards(ckpt, name):
+    idx = _index(ckpt)
+    idx["weight_map"][Q] = name
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match=rf"index.json: tensor '{Q}': weight_map names file .*bare") as ei:
+        plan_conversion(ckpt, recipe="bf16")
+    assert ei.value.tensor == Q
+
+
+@pytest.mark.parametrize("edit, rule", [
+    (lambda e: e.__setitem__("shape", [-1, *e["shape"][1:]]), "non-negative integer dimensions"),
+    (lambda e: e.__setitem__("shape", [float(e["shape"][0]), *e["shape"][1:]]), "non-negative integer dimensions"),
+    (lambda e: e.__setitem__("shape", [str(e["shape"][0]), *e["shape"][1:]]), "non-negative integer dimensions"),
+    (lambda e: e.__setitem__("shape", [True, *e["shape"][1:]]), "non-negative integer dimensions"),
+    (lambda e: e.__setitem__("data_offsets", [0]), "must be two non-negative integers"),
+    (lambda e: e.__setitem__("extra", 1), r"must be \{dtype, shape, data_offsets\}"),
+])
+def test_header_entries_are_checked(ckpt, edit, rule):
+    shard = _shard_of(ckpt, Q)
+    _rewrite_header(shard, lambda h: edit(h[Q]))
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor '{Q}': .*{rule}"):
+        plan_conversion(ckpt, recipe="bf16")
+
+
+@pytest.mark.parametrize("meta", [["a"], {"k": 1}, "text"])
+def test_header_metadata_must_map_strings(ckpt, meta):
+    shard = _shard_of(ckpt, Q)
+    _rewrite_header(shard, lambda h: h.__setitem__("__metadata__", meta))
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor '__metadata__': .*strings to strings"):
+        plan_conversion(ckpt, recipe="bf16")
+
+
+def test_header_nesting_is_refused_before_parsing(ckpt):
+    shard = _shard_of(ckpt, Q)
+    _rewrite_header(shard, lambda h: h.__setitem__("__metadata__", {"x": "y"}))
+    raw = shard.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    deep = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    body = deep + b" " * (-len(deep) % 8)
+    shard.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: header nests deeper"):
+        plan_conversion(ckpt, recipe="bf16")
+
+
+def test_overlap_inside_a_long_tensor_is_found(ckpt):
+    """A tensor inside a long one with an empty tensor between them in start order: the
+    neighbours never overlap, the sweep over the furthest end finds it."""
+    shard = _shard_of(ckpt, Q)
+
+    def edit(h):
+        names = sorted((n for n in h if n != "__metadata__"), key=lambda n: h[n]["data_offsets"][0])
+        by_size = sorted(names, key=lambda n: h[n]["data_offsets"][1] - h[n]["data_offsets"][0])
+        small = by_size[0]
+        long_ = by_size[-1]
+        a, b = h[long_]["data_offsets"]
+        span = h[small]["data_offsets"][1] - h[small]["data_offsets"][0]
+        assert b - a > 2 * span
+        # put the small tensor in the last part of the long one, an empty one in between
+        h[small]["data_offsets"] = [b - span, b]
+        h["model.layers.1.empty"] = {"dtype": "BF16", "shape": [0], "data_offsets": [a + 2, a + 2]}
+
+    _rewrite_header(shard, edit)
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor .* overlaps"):
+        plan_conversion(ckpt, recipe="bf16")

@@ -74,3 +74,41 @@ def test_release_dense_and_moe(tmp_path, tiny_family, prefect_server, local_ray)
         assert {f"quantize-{name}-shard-{i}" for i in range(n_shards)} <= {r.name for r in mine}
         assert all(r.state.is_completed() for r in mine)
     assert all(r.state.is_completed() for r in runs), [(r.name, r.state.name) for r in runs if not r.state.is_completed()]
+
+
+def test_one_failing_model_does_not_stop_the_others(tmp_path, tiny_family, prefect_server, local_ray):
+    """A corrupt shard in one model: the other model publishes, the manifest records both
+    (failed with the task and error, published), and the flow run fails naming them."""
+    import shutil
+
+    from prefect.states import State
+
+    from flows.release import release
+
+    broken = tmp_path / "12B-broken"
+    shutil.copytree(tiny_family["12B"], broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    shard = broken / sorted(set(index["weight_map"].values()))[1]
+    data = bytearray(shard.read_bytes())
+    data[-64:] = b"\xff" * 64  # NaN/Inf bytes at the end of the last tensor
+    shard.write_bytes(bytes(data))
+    raw = yaml.safe_load(builtin_config_path("tiny-family").read_text())
+    for m in raw["models"]:
+        if m["name"] == "12B":
+            m["source"] = str(broken)
+    cfg_path = _config(tmp_path, models=raw["models"], recipes=["q4_0"])
+    state: State = release(config=str(cfg_path), models=["12B", "31B"], return_state=True)
+    assert state.is_failed()
+    assert f"quantize-12B-shard-1: NonFiniteError: " in state.message and "12B" in state.message
+    assert "1 of 2 model(s) failed" in state.message
+    manifest_uri = state.message.split("(manifest ", 1)[1].split(")", 1)[0]
+    manifest = json.loads(Path(manifest_uri.removeprefix("file://")).read_text())
+    assert manifest["models"]["12B"]["status"] == "failed"
+    assert manifest["models"]["12B"]["error"].startswith("quantize-12B-shard-1: NonFiniteError")
+    assert manifest["models"]["31B"]["status"] == "published"
+    # every task that ran has its node, seconds and declared memory beside its peak RSS
+    ran = [t for t in manifest["models"]["31B"]["tasks"] if t["state"] == "completed" and "peak_rss" in t]
+    assert ran and all(t["peak_rss"] > 0 and t["seconds"] >= 0 and t["host"] for t in ran)
+    assert all(t["declared"]["memory"] > 0 for t in ran if t["declared"])
+    assert (tmp_path / "hub" / "qatgguf-tiny" / "gemma-4-31B-it-qat-GGUF" / "gemma-4-31B-it-qat-Q4_0.gguf").exists()
+    assert not (tmp_path / "hub" / "qatgguf-tiny" / "gemma-4-12B-it-qat-GGUF").exists()

@@ -52,6 +52,38 @@ def lfs_pointer(sha256: str, size: int) -> bytes:
 
 
 @dataclass(frozen=True)
+class FileSlice:
+    """Part of a stored file sent in chunks (never read whole): `source` is a blob path or
+    the bytes of a regular file."""
+
+    source: Path | bytes
+    start: int
+    length: int
+    key: tuple[str, str]
+
+    def stream(self, hub: FakeHub) -> Iterator[bytes]:
+        if isinstance(self.source, bytes):
+            chunks: Iterable[bytes] = [self.source[self.start:self.start + self.length]]
+        else:
+            chunks = self._read_file(self.source)
+        for chunk in chunks:
+            with hub._lock:
+                hub.bytes_served[self.key] = hub.bytes_served.get(self.key, 0) + len(chunk)
+            yield chunk
+
+    def _read_file(self, path: Path) -> Iterator[bytes]:
+        left = self.length
+        with open(path, "rb") as fh:
+            fh.seek(self.start)
+            while left > 0:
+                chunk = fh.read(min(left, 1 << 20))
+                if not chunk:
+                    return
+                left -= len(chunk)
+                yield chunk
+
+
+@dataclass(frozen=True)
 class Entry:
     size: int
     blob_id: str  # git blob sha1 of the content (regular) or of the pointer (LFS)
@@ -90,12 +122,14 @@ class HttpError(Exception):
 
 _STATUS = {
     200: "OK",
+    206: "Partial Content",
     400: "Bad Request",
     401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
     409: "Conflict",
     412: "Precondition Failed",
+    416: "Range Not Satisfiable",
     422: "Unprocessable Entity",
     501: "Not Implemented",
 }
@@ -111,6 +145,8 @@ class FakeHub:
         self.user = user
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
+        # bytes of file content sent by resolve, per (repo, file): what a client downloaded
+        self.bytes_served: dict[tuple[str, str], int] = {}
         self.url = "http://hub.test"
         self._lock = threading.RLock()
 
@@ -134,6 +170,10 @@ class FakeHub:
             payload = json.dumps(
                 err.body if err.body is not None else {"error": err.message}
             ).encode()
+        if isinstance(payload, FileSlice):
+            headers.append(("Content-Length", str(payload.length)))
+            start_response(f"{status} {_STATUS.get(status, 'Status')}", headers)
+            return [] if method == "HEAD" else payload.stream(self)
         if isinstance(payload, dict | list):
             payload = json.dumps(payload).encode()
             if not any(k == "Content-Type" for k, _ in headers):
@@ -200,7 +240,7 @@ class FakeHub:
             if m and verb == method:
                 self._auth(env, required=auth)
                 with self._lock:
-                    return handler(body=body, query=query, **m.groupdict())
+                    return handler(body=body, query=query, env=env, **m.groupdict())
         raise HttpError(404, f"no route for {method} {path}")
 
     # -- handlers ----------------------------------------------------------------------
@@ -434,24 +474,35 @@ class FakeHub:
             },
         )
 
-    def _resolve(self, repo: str, rev: str, file: str, **_: Any) -> tuple[int, list, Any]:
+    def _resolve(self, repo: str, rev: str, file: str, env: dict[str, Any], **_: Any) -> tuple[int, list, Any]:
         r = self._repo(repo)
         commit = self._commit_of(r, rev)
         entry = commit.files.get(file)
         if entry is None:
             raise HttpError(404, f"Entry not found: {file}", code="EntryNotFound")
-        headers = [("X-Repo-Commit", commit.oid), ("Content-Type", "application/octet-stream")]
+        headers = [("X-Repo-Commit", commit.oid), ("Content-Type", "application/octet-stream"),
+                   ("Accept-Ranges", "bytes")]
         if entry.lfs_sha256:
-            data = self._blob_path(entry.lfs_sha256).read_bytes()
             headers += [
                 ("ETag", f'"{entry.lfs_sha256}"'),
                 ("X-Linked-Etag", f'"{entry.lfs_sha256}"'),
                 ("X-Linked-Size", str(entry.size)),
             ]
         else:
-            data = entry.content or b""
             headers.append(("ETag", f'"{entry.blob_id}"'))
-        return 200, headers, data
+        # ref: RFC 9110 14.2 Range (one "bytes=a-b" / "bytes=a-" range, as the client sends)
+        start, end = 0, entry.size - 1
+        status = 200
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", env.get("HTTP_RANGE", ""))
+        if m:
+            start = int(m.group(1))
+            end = min(int(m.group(2)) if m.group(2) else entry.size - 1, entry.size - 1)
+            if start >= entry.size:
+                raise HttpError(416, "Range Not Satisfiable")
+            status = 206
+            headers.append(("Content-Range", f"bytes {start}-{end}/{entry.size}"))
+        source = self._blob_path(entry.lfs_sha256) if entry.lfs_sha256 else (entry.content or b"")
+        return status, headers, FileSlice(source, start, end - start + 1, (repo, file))
 
     # -- test helpers ------------------------------------------------------------------
 

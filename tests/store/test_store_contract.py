@@ -149,3 +149,34 @@ def test_failed_upload_leaves_nothing(store: ArtifactStore, tmp_path: Path) -> N
 def test_swapped_arguments_say_the_order(store: ArtifactStore) -> None:
     with pytest.raises(StoreError, match="must be a str, got dict; the data comes first, then the key"):
         store.put_json("k.json", {"a": 1})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("size", [300_000, 11 * 1024 * 1024])  # one PutObject; a multipart upload on S3
+def test_exclusive_write_keeps_the_first_object(store: ArtifactStore, tmp_path: Path, size: int) -> None:
+    """A content key written by two runs: the second write changes nothing and gets the
+    first object's reference back (S3 If-None-Match: *, a hard link on disk)."""
+    first = _write(tmp_path / "a.part", os.urandom(size))
+    second = _write(tmp_path / "b.part", os.urandom(size))
+    ref = store.put_file(first, "parts/k1.part", exclusive=True)
+    again = store.put_file(second, "parts/k1.part", exclusive=True)
+    assert again == ref
+    assert store.get_file(ref.uri, tmp_path / "back.part", sha256=ref.sha256).read_bytes() == first.read_bytes()
+    assert store.put_bytes(b"late", "parts/k2.json", exclusive=True).size == 4
+    assert store.put_bytes(b"later", "parts/k2.json", exclusive=True).size == 4
+    assert store.get_bytes("parts/k2.json") == b"late"
+    # without exclusive, a write replaces as before
+    assert store.put_bytes(b"replaced", "parts/k2.json").size == 8
+    assert sorted(store.list("parts/")) == ["parts/k1.part", "parts/k2.json"]
+
+
+def test_info_range_and_delete(store: ArtifactStore, tmp_path: Path) -> None:
+    data = os.urandom(100_000)
+    ref = store.put_file(_write(tmp_path / "s.bin", data), "src/s.bin")
+    info = store.info("src/s.bin")
+    assert info is not None and info.size == len(data) and info.sha256 == ref.sha256
+    assert store.read_range("src/s.bin", 0, 8) == data[:8]
+    assert store.read_range(ref.uri, 99_990, 100) == data[99_990:]  # short at the end
+    assert store.info("src/missing.bin") is None
+    store.delete("src/s.bin")
+    store.delete("src/s.bin")  # absent: not an error
+    assert store.info("src/s.bin") is None and not store.exists("src/s.bin")

@@ -174,3 +174,47 @@ def test_store_pickles_without_its_client(s3_server: S3Server, s3_bucket: str) -
 def test_part_size_below_s3_minimum_is_refused() -> None:
     with pytest.raises(StoreError, match="below S3's minimum part size"):
         open_store("s3://bucket/x", multipart_chunksize=1024)
+
+
+def test_exclusive_multipart_upload_is_conditional(s3_server: S3Server, s3_bucket: str, tmp_path: Path) -> None:
+    """The multipart path completes with If-None-Match: *, and the server refuses the
+    second completion: the object written first stays, nothing is left unfinished."""
+    store = _store(s3_server, s3_bucket)
+    a = tmp_path / "a.bin"
+    a.write_bytes(os.urandom(11 * MiB))
+    calls = _count_calls(store)
+    ref = store.put_file(a, "k/obj.bin", exclusive=True)
+    assert calls.get("CreateMultipartUpload") == 1 and calls.get("CompleteMultipartUpload") == 1
+    # a second writer that raced past the HEAD: drive the upload directly
+    b = tmp_path / "b.bin"
+    b.write_bytes(os.urandom(11 * MiB))
+    from qatgguf.store.base import sha256_file
+
+    digest, size = sha256_file(b)
+    got = store._put_exclusive(b, "k/obj.bin", sha256=digest, size=size, progress=None)
+    assert got == ref
+    assert store.list_incomplete_uploads() == []
+    assert hashlib.sha256(store.get_bytes("k/obj.bin")).hexdigest() == ref.sha256
+
+
+def test_foreign_object_etag_is_checked(s3_server: S3Server, s3_bucket: str, tmp_path: Path) -> None:
+    """Objects written by other tools carry no sha256: the ETag pins them."""
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="pre/x.safetensors", Body=b"abc" * 1000)
+    store = _store(s3_server, s3_bucket)
+    info = store.info("x.safetensors")
+    assert info is not None and info.sha256 is None and info.etag == hashlib.md5(b"abc" * 1000).hexdigest()
+    store.get_file("x.safetensors", tmp_path / "x", etag=info.etag)
+    client.put_object(Bucket=s3_bucket, Key="pre/x.safetensors", Body=b"xyz" * 1000)
+    with pytest.raises(StoreError, match="changed"):
+        store.get_file("x.safetensors", tmp_path / "y", etag=info.etag)
+    with pytest.raises(StoreError, match="changed"):
+        store.read_range("x.safetensors", 0, 8, etag=info.etag)
+
+
+def test_incomplete_uploads_are_listed_and_aborted(s3_server: S3Server, s3_bucket: str) -> None:
+    store = _store(s3_server, s3_bucket)
+    upload = store.client.create_multipart_upload(Bucket=s3_bucket, Key="pre/left/over.bin")["UploadId"]
+    assert store.list_incomplete_uploads() == [("left/over.bin", upload)]
+    store.abort_upload("left/over.bin", upload)
+    assert store.list_incomplete_uploads() == []

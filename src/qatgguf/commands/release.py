@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 
@@ -14,48 +16,87 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "release",
         help="release a model family (convert, quantize, evaluate, gate, publish)",
-        description="Run the release flow for CONFIG (a YAML path or a built-in name: tiny-family, gemma-4-qat).",
+        description="Run the release flow for CONFIG (a YAML path or a built-in name: tiny-family, gemma-4-qat). "
+                    "Finished steps are found in the store by content and not redone.",
     )
     p.add_argument("config", help="release config: a YAML file or a built-in name")
     p.add_argument("--models", nargs="+", help="only these models of the family")
     p.add_argument("--recipes", nargs="+", help="only these recipes (the base recipe always runs)")
     p.add_argument("--release-id", help="use this release id instead of a new one")
+    p.add_argument("--resume", metavar="RELEASE_ID", help="continue this release (same config and selection)")
     p.add_argument("--json", action="store_true", help="print the release summary as JSON")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    # the core's log lines go to each task's log in the Prefect UI
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "qatgguf")
     from flows.release import load_config, run_release
 
     cfg = load_config(args.config)  # validate before starting anything
-    api_url, result = run_release(
-        args.config, models=args.models, recipes=args.recipes, release_id=args.release_id
+    api_url, release_id, state = run_release(
+        args.config, models=args.models, recipes=args.recipes, release_id=args.resume or args.release_id,
+        resume=bool(args.resume),
     )
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
-        return 1 if result["gate_failed"] else 0
-
     ui = api_url.removesuffix("/api")
+    result = state.result(raise_on_failure=False) if state.is_completed() else None
+    if not isinstance(result, dict):
+        result = _from_manifest(cfg, release_id)
+    if args.json:
+        print(json.dumps({**(result or {}), "state": state.name, "message": state.message}, indent=2, default=str))
+        return 0 if state.is_completed() and not (result or {}).get("gate_failed") else 1
+
     print()
-    print(f"Release {result['release_id']} of {cfg.family}")
-    print(f"{'model':<10} {'method':<12} {'size MB':>9} {'mean KLD':>10} {'99.9% KLD':>10} {'top-1 %':>8} {'PPL':>9}  gate")
-    for r in result["rows"]:
-        print(
-            f"{r['model']:<10} {r['method']:<12} {r['size_MB']:>9.3f} {r['mean_KLD']:>10.5f} {r['KLD_99.9%']:>10.4f}"
-            f" {r['top1_%']:>8.2f} {r['PPL']:>9.3f}  {r['gate']}"
-        )
+    print(f"Release {release_id} of {cfg.family}: {state.name}")
+    if result and result.get("rows"):
+        print(f"{'model':<10} {'method':<12} {'size MB':>9} {'mean KLD':>10} {'99.9% KLD':>10} {'top-1 %':>8} "
+              f"{'PPL':>9}  gate")
+        for r in result["rows"]:
+            print(f"{r['model']:<10} {r['method']:<12} {r['size_MB']:>9.3f} {r['mean_KLD']:>10.5f} "
+                  f"{r['KLD_99.9%']:>10.4f} {r['top1_%']:>8.2f} {r['PPL']:>9.3f}  {r['gate']}")
     print()
     print(f"Prefect UI:      {ui}  (flow runs: {ui}/runs)")
-    print(f"Release folder:  {_store_path(cfg.store.url)}/releases/{cfg.family}/{result['release_id']}")
-    print(f"Manifest:        {result['manifest']}")
-    for name, s in result["models"].items():
-        pub = s["published"]
-        where = _hub_path(cfg, pub["repo"]) if pub["published"] else "NOT PUBLISHED (gate failed)"
-        print(f"Published {name:<8} {where}")
-    if result["gate_failed"]:
+    print(f"Release folder:  {_store_path(cfg.store.url)}/releases/{cfg.family}/{release_id}")
+    if result:
+        print(f"Manifest:        {result['manifest']}")
+        for name, s in result["models"].items():
+            pub = s.get("published") or {}
+            if s["status"] == "failed":
+                where = f"FAILED: {s['error']}"
+            elif pub.get("published"):
+                where = _hub_path(cfg, pub["repo"])
+            else:
+                where = "NOT PUBLISHED (gate failed)"
+            print(f"Published {name:<8} {where}")
+    if not state.is_completed():
+        print(f"Release failed: {state.message}", file=sys.stderr)
+        print(f"Continue it with: qatgguf release {args.config} --resume {release_id}", file=sys.stderr)
+        return 1
+    if result and result["gate_failed"]:
         print(f"Gate failed, not published: {', '.join(result['gate_failed'])}")
         return 1
     return 0
+
+
+def _from_manifest(cfg, release_id: str) -> dict | None:
+    """The summary of a failed release, from its manifest (always written)."""
+    from qatgguf.errors import StoreError
+    from qatgguf.release import release_rows
+    from qatgguf.store import open_store
+
+    store = open_store(cfg.resolved(Path.cwd()).store.url, endpoint_url=cfg.store.endpoint_url)
+    key = f"releases/{cfg.family}/{release_id}/manifest.json"
+    try:
+        ref = store.stat(key)
+        if ref is None:
+            return None
+        manifest = store.get_json(ref.uri)
+    except StoreError:
+        return None
+    models = manifest["models"]
+    return {"release_id": release_id, "manifest": ref.uri, "rows": release_rows(models), "models": models,
+            "gate_failed": [f"{m}/{r}" for m, s in models.items() for r, g in s["gates"].items() if not g["passed"]],
+            "failed": [f"{m}: {s['error']}" for m, s in models.items() if s["status"] == "failed"]}
 
 
 def _store_path(url: str) -> str:

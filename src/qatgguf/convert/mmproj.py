@@ -18,7 +18,8 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,14 @@ from gguf import GGMLQuantizationType, LlamaFileType
 from qatgguf import quant
 from qatgguf.convert.metadata import collected_kvs, general_writer
 from qatgguf.convert.safetensors import DTYPES, nonfinite_rows, read_header
+from qatgguf.convert.source import (
+    SourceOptions, SourceReader, SourceRef, open_reader, read_shard_header, snapshot)
 from qatgguf.errors import CheckpointError, UnknownTensorError
 from qatgguf.gguf.writer import KV, GGUFFileWriter, TensorInfo, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
-MMPROJ_PLAN_VERSION = 1
+MMPROJ_PLAN_VERSION = 2
 OUTTYPES: dict[str, LlamaFileType] = {"bf16": LlamaFileType.MOSTLY_BF16, "f16": LlamaFileType.MOSTLY_F16}
 _QTYPE = {"bf16": "BF16", "f16": "F16"}
 UNIFIED_ARCH = "Gemma4UnifiedForConditionalGeneration"
@@ -109,7 +112,7 @@ class MmprojJob:
 @dataclass(frozen=True)
 class MmprojPlan:
     version: int
-    src: str
+    source: SourceRef  # the checkpoint at its planned revision
     hf_architecture: str
     outtype: str
     projector: str  # gemma4v | gemma4uv
@@ -119,6 +122,22 @@ class MmprojPlan:
 
     def tensor_infos(self) -> list[TensorInfo]:
         return [TensorInfo(t.gguf_name, t.shape, int(GGMLQuantizationType[t.qtype]), t.nbytes) for t in self.tensors]
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["kvs"] = [kv.to_json() for kv in self.kvs]
+        return json.dumps(d, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> MmprojPlan:
+        d = json.loads(text)
+        if d.get("version") != MMPROJ_PLAN_VERSION:
+            raise ValueError(f"projector plan version {d.get('version')} is not {MMPROJ_PLAN_VERSION}; plan again")
+        return cls(version=d["version"], source=SourceRef.from_dict(d["source"]),
+                   hf_architecture=d["hf_architecture"], outtype=d["outtype"], projector=d["projector"],
+                   audio=d["audio"], kvs=tuple(KV.from_json(k) for k in d["kvs"]),
+                   tensors=tuple(MmprojJob(**{**t, "src_shape": tuple(t["src_shape"]), "shape": tuple(t["shape"])})
+                                 for t in d["tensors"]))
 
 
 def mmproj_filename(outtype: str) -> str:
@@ -333,44 +352,53 @@ def _metadata(*, src: Path, cfg: dict[str, Any], unified: bool, audio: bool, out
     return collected_kvs(w)
 
 
-def plan_mmproj(src: Path | str, *, outtype: str = "bf16",
-                source_options: dict[str, Any] | None = None) -> MmprojPlan | None:
-    """Plan the projector file of a checkpoint (a directory, `hf://` or `s3://` source).
+def plan_mmproj(src: Path | str | SourceRef, *, outtype: str = "bf16",
+                source_options: dict[str, Any] | SourceOptions | None = None,
+                hash_local: bool = True, reader: SourceReader | None = None) -> MmprojPlan | None:
+    """Plan the projector file of a checkpoint (a directory, `hf://`, `s3://` source or a
+    resolved `SourceRef`), reading its small files and shard headers only.
 
     Returns None when the checkpoint has no vision tower (a text-only checkpoint has no
     projector to write). Raises `CheckpointError` for a config or processor config that
     does not describe the towers, `UnknownTensorError` for a tower tensor with no GGUF name,
     `ValueError` for an outtype other than bf16/f16."""
-    from qatgguf.convert.plan import _shard_files
-    from qatgguf.convert.source import resolve_source
-
     outtype = _check_outtype(outtype)
-    src = resolve_source(src, **(source_options or {})).resolve()
+    opts = source_options if isinstance(source_options, SourceOptions) else SourceOptions.from_dict(source_options)
+    ref = snapshot(src, options=opts, hash_local=hash_local)
+    reader = reader if reader is not None and reader.ref == ref else open_reader(ref, opts)
+    with reader.small_files() as meta:
+        return _plan_mmproj(ref, reader, meta, outtype)
+
+
+def _plan_mmproj(ref: SourceRef, reader: Any, src: Path, outtype: str) -> MmprojPlan | None:
+    from qatgguf.convert.plan import _shard_files
+
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
-        raise CheckpointError("config.json is missing; a checkpoint directory needs it", file=str(cfg_path))
+        raise CheckpointError("config.json is missing; a checkpoint directory needs it", file=ref.label("config.json"))
     raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     arches = raw.get("architectures") or []
     hf_arch = next((a for a in arches if a in MMPROJ_ARCHES), None)
     if hf_arch is None or not raw.get("vision_config"):
         return None
     unified = hf_arch == UNIFIED_ARCH
-    files, _ = _shard_files(src)
+    files, _ = _shard_files(ref, src)
     found: list[tuple[str, Any]] = []
     for f in files:
-        h = read_header(src / f)
+        h = read_shard_header(reader, f)
         found += [(f, e) for n, e in h.tensors.items() if _MM_PREFIX.match(n)]
     if not any(not _is_audio(e.name) for _, e in found):
         return None
     audio = any(_is_audio(e.name) for _, e in found)
     if audio and not raw.get("audio_config"):
         raise CheckpointError("the checkpoint holds audio tower tensors but config.json has no audio_config; "
-                              "fix config.json", file=str(cfg_path), tensor=next(e.name for _, e in found if _is_audio(e.name)))
+                              "fix config.json", file=ref.label("config.json"),
+                              tensor=next(e.name for _, e in found if _is_audio(e.name)))
     cfg = _load_config(src)
     jobs: list[MmprojJob] = []
     seen: dict[str, str] = {}
     for f, e in found:
-        file = str(src / f)
+        file = ref.label(f)
         gname = map_mmproj_name(e.name)
         if gname is None:
             raise UnknownTensorError(f"no projector (mmproj) name for this tensor in {hf_arch}; it is not part of "
@@ -386,7 +414,7 @@ def plan_mmproj(src: Path | str, *, outtype: str = "bf16",
                               transform=transform, params=params))
     kvs = _metadata(src=src, cfg=cfg, unified=unified, audio=audio, outtype=outtype,
                     tensors=[(j.gguf_name, j.shape) for j in jobs])
-    return MmprojPlan(version=MMPROJ_PLAN_VERSION, src=str(src), hf_architecture=hf_arch, outtype=outtype,
+    return MmprojPlan(version=MMPROJ_PLAN_VERSION, source=ref, hf_architecture=hf_arch, outtype=outtype,
                       projector="gemma4uv" if unified else "gemma4v", audio=audio, kvs=tuple(kvs), tensors=tuple(jobs))
 
 
@@ -444,13 +472,22 @@ def _tensor_bytes(job: MmprojJob, fd: int, begin: int, file: str) -> bytes:
     return quant.quantize(x.reshape(1) if x.ndim == 0 else x, job.qtype, name=job.hf_name).tobytes()
 
 
-def write_mmproj_plan(plan: MmprojPlan, out: Path | str) -> Path:
+def mmproj_shards(plan: MmprojPlan) -> list[str]:
+    """The shard files that hold tower tensors: all a projector task needs to fetch."""
+    return list(dict.fromkeys(j.file for j in plan.tensors))
+
+
+def write_mmproj_plan(plan: MmprojPlan, out: Path | str, *, root: Path | None = None) -> Path:
     """Write a planned projector file, one tensor at a time, under a temporary name renamed
-    when complete. Raises `CheckpointError` if a shard changed since planning."""
+    when complete. `root` holds the tower shards (`mmproj_shards`), by default the local
+    checkpoint folder. Raises `CheckpointError` if a shard changed since planning."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    src = Path(plan.src)
+    src = Path(root) if root is not None else plan.source.local_dir
+    if src is None:
+        raise CheckpointError("the checkpoint is remote: fetch the tower shards first and pass root",
+                              file=plan.source.label())
     headers = {f: read_header(src / f) for f in dict.fromkeys(j.file for j in plan.tensors)}
     fds = {f: os.open(src / f, os.O_RDONLY) for f in headers}
     try:
@@ -482,9 +519,18 @@ def write_mmproj(src: Path | str, out: Path | str, *, outtype: str = "bf16",
 
     Raises `CheckpointError` when the checkpoint has no vision tower (nothing to write),
     or for bad input (see `plan_mmproj`); `ValueError` for an outtype other than bf16/f16."""
-    plan = plan_mmproj(src, outtype=outtype, source_options=source_options)
+    plan = plan_mmproj(src, outtype=outtype, source_options=source_options, hash_local=False)
     if plan is None:
         raise CheckpointError("the checkpoint has no vision tower (no vision_config or no model.vision_tower.* / "
                               "model.vision_embedder.* tensors), so there is no projector to write: drop --mmproj "
                               "for a text-only model", file=str(src))
-    return write_mmproj_plan(plan, out)
+    if plan.source.local_dir is not None:
+        return write_mmproj_plan(plan, out)
+    from qatgguf.convert.source import fetch_checkpoint
+    from qatgguf.paths import cache_root
+
+    (cache_root() / "work").mkdir(parents=True, exist_ok=True)
+    opts = source_options if isinstance(source_options, SourceOptions) else SourceOptions.from_dict(source_options)
+    with tempfile.TemporaryDirectory(prefix="qatgguf-mmproj-", dir=cache_root() / "work") as tmp:
+        root = fetch_checkpoint(plan.source, Path(tmp), options=opts, names=mmproj_shards(plan))
+        return write_mmproj_plan(plan, out, root=root)

@@ -7,24 +7,28 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from gguf import GGMLQuantizationType, LlamaFileType
 
 from qatgguf.convert.arch import (
     ArchSpec, arch_for, is_kv_shared_redundant, is_multimodal, map_name)
 from qatgguf.convert.metadata import TextGeometry, build_metadata, text_geometry, vocab_rows
-from qatgguf.convert.safetensors import ShardHeader, read_header
+from qatgguf.convert.safetensors import ShardHeader
+from qatgguf.convert.source import (
+    SourceOptions, SourceReader, SourceRef, open_reader, read_shard_header, snapshot)
 from qatgguf.errors import CheckpointError, UnknownTensorError
 from qatgguf.gguf.writer import KV, TensorInfo, tensor_nbytes
 from qatgguf.recipes import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 INDEX_NAME = "model.safetensors.index.json"
+_SHARD_NAME_RE = re.compile(r"^[\w][\w.-]*\.safetensors$")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class ShardJob:
     file: str | None  # shard file name inside the checkpoint; None for the generated tensors
     size: int
     tensors: tuple[TensorJob, ...]
+    digest: str = ""  # the shard's content digest at the planned revision (SourceFile.digest)
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ class MmprojTensor:
 @dataclass(frozen=True)
 class ConversionPlan:
     version: int
-    src: str
+    source: SourceRef  # the checkpoint at its planned revision; tasks fetch shards from it
     hf_architecture: str
     arch: str
     recipe: str
@@ -94,11 +99,12 @@ class ConversionPlan:
         if d.get("version") != PLAN_VERSION:
             raise ValueError(f"plan version {d.get('version')} is not {PLAN_VERSION}; plan again")
         shards = tuple(
-            ShardJob(index=s["index"], file=s["file"], size=s["size"],
+            ShardJob(index=s["index"], file=s["file"], size=s["size"], digest=s["digest"],
                      tensors=tuple(TensorJob(**{**t, "src_shape": tuple(t["src_shape"]),
                                                 "shape": tuple(t["shape"])}) for t in s["tensors"]))
             for s in d["shards"])
-        return cls(version=d["version"], src=d["src"], hf_architecture=d["hf_architecture"],
+        return cls(version=d["version"], source=SourceRef.from_dict(d["source"]),
+                   hf_architecture=d["hf_architecture"],
                    arch=d["arch"], recipe=d["recipe"], file_type=d["file_type"],
                    kvs=tuple(KV.from_json(k) for k in d["kvs"]), order=tuple(d["order"]),
                    shards=shards,
@@ -106,34 +112,48 @@ class ConversionPlan:
                    skipped=tuple(tuple(x) for x in d["skipped"]))
 
 
-def _shard_files(src: Path) -> tuple[list[str], dict[str, str] | None]:
-    index = src / INDEX_NAME
+def _shard_files(ref: SourceRef, meta: Path) -> tuple[list[str], dict[str, str] | None]:
+    """The shard files of a checkpoint (from its index when there is one) and the index's
+    weight map. The index is untrusted input: every file it names must be a bare
+    `*.safetensors` name inside the checkpoint."""
+    index = meta / INDEX_NAME
+    label = ref.label(INDEX_NAME)
     if index.is_file():
         try:
             wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+                raise TypeError("weight_map must map tensor names to file names")
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"cannot read weight_map ({exc}); the index is corrupt",
-                                  file=str(index)) from None
+                                  file=label) from None
+        for tensor, f in wm.items():
+            if not _SHARD_NAME_RE.match(f) or f in (".", ".."):
+                raise CheckpointError(
+                    f"weight_map names file {f!r}, which is not a bare *.safetensors file name inside the "
+                    "checkpoint (no folders, no '..', no absolute paths); the index is corrupt or crafted: "
+                    "fix or download it again", file=label, tensor=tensor)
         files = sorted(set(wm.values()))
         for f in files:
-            if not (src / f).is_file():
+            if not ref.has(f):
                 names = sorted(n for n, v in wm.items() if v == f)
                 raise CheckpointError(
                     f"index names shard {f!r}, which does not exist (it should hold {len(names)} "
                     f"tensors, e.g. {names[0]!r}); download the missing shard",
-                    file=str(index), tensor=names[0])
+                    file=label, tensor=names[0])
         return files, wm
-    single = sorted(p.name for p in src.glob("*.safetensors"))
+    single = ref.shard_names()
     if single:
         return single, None
-    pickles = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt*"))
+    local = ref.local_dir
+    pickles = (sorted(p.name for p in local.glob("*.bin")) + sorted(p.name for p in local.glob("*.pt*"))
+               if local is not None else [])
     if pickles:
         raise CheckpointError(
             f"only pickle weights found ({', '.join(pickles[:3])}); pickle files can run code when "
             "loaded, so they are refused: convert the checkpoint to safetensors first "
-            "(save_pretrained(..., safe_serialization=True))", file=str(src / pickles[0]))
+            "(save_pretrained(..., safe_serialization=True))", file=ref.label(pickles[0]))
     raise CheckpointError("no safetensors shards and no model.safetensors.index.json",
-                          file=str(src))
+                          file=ref.label())
 
 
 def load_hparams(src: Path) -> tuple[dict[str, Any], Any]:
@@ -168,32 +188,58 @@ def _check_shape(file: str, hf_name: str, got: tuple[int, ...], want: tuple[int,
             "the config does not belong to these weights: fix config.json", file=file, tensor=hf_name)
 
 
-def plan_conversion(src: Path | str, *, recipe: Recipe | str,
-                    source_options: dict[str, Any] | None = None) -> ConversionPlan:
-    """Plan the conversion of a checkpoint: a local directory, `hf://org/repo@rev` or
-    `s3://bucket/prefix` (fetched to the local cache first). Reads config.json, the tokenizer
-    and every shard header. Raises `CheckpointError` (and subclasses) naming the file and
-    tensor for bad input, `ConfigError` for a bad recipe. `source_options` go to
-    `resolve_source` (`cache_dir`; for s3: `endpoint_url`, `credentials`, `region`)."""
-    from qatgguf.convert.source import resolve_source
+def plan_conversion(src: Path | str | SourceRef, *, recipe: Recipe | str,
+                    source_options: dict[str, Any] | SourceOptions | None = None,
+                    hash_local: bool = True) -> ConversionPlan:
+    """Plan the conversion of a checkpoint: a local directory, `hf://org/repo@rev`,
+    `s3://bucket/prefix` or an already resolved `SourceRef`. Reads config.json, the
+    tokenizer files and every shard's header (ranged reads for remote sources: no tensor
+    data is downloaded). Raises `CheckpointError` (and subclasses) naming the file and
+    tensor for bad input, `ConfigError` for a bad recipe. `source_options` are
+    `SourceOptions` or the dict keywords hf_endpoint, hf_token, endpoint_url,
+    credentials, region. `hash_local=False` skips hashing a local checkpoint's files (the
+    plan then records no digests: fine for a one-process conversion)."""
+    opts = source_options if isinstance(source_options, SourceOptions) else SourceOptions.from_dict(source_options)
+    ref = snapshot(src, options=opts, hash_local=hash_local)
+    return plan_recipes(ref, [recipe], reader=open_reader(ref, opts))[_recipe_name(recipe)]
 
-    src = resolve_source(src, **(source_options or {})).resolve()
+
+def _recipe_name(recipe: Recipe | str) -> str:
+    return recipe if isinstance(recipe, str) else recipe.name
+
+
+def plan_recipes(ref: SourceRef, recipes: Sequence[Recipe | str], *,
+                 reader: SourceReader | None = None) -> dict[str, ConversionPlan]:
+    """Plan several recipes of one snapshot, reading its small files and headers once."""
+    reader = reader if reader is not None and reader.ref == ref else open_reader(ref)
+    with reader.small_files() as meta:
+        try:
+            return {_recipe_name(r): _plan(ref, reader, meta, r) for r in recipes}
+        except CheckpointError as exc:
+            # name the source's file, not the temporary folder the small files sit in
+            if exc.file and exc.file.startswith(str(meta)) and ref.local_dir is None:
+                raise type(exc)(exc.message, file=ref.label(exc.file[len(str(meta)) + 1:]),
+                                tensor=exc.tensor) from None
+            raise
+
+
+def _plan(ref: SourceRef, reader, src: Path, recipe: Recipe | str) -> ConversionPlan:
     if not (src / "config.json").is_file():
         raise CheckpointError("config.json is missing; a checkpoint directory needs it",
-                              file=str(src / "config.json"))
+                              file=ref.label("config.json"))
     raw_cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
     spec: ArchSpec = arch_for(raw_cfg, file=str(src / "config.json"))
     hf_arch = next(a for a in raw_cfg["architectures"] if a in spec.hf_architectures)
     rec = load_recipe(recipe) if isinstance(recipe, str) else recipe
-    files, weight_map = _shard_files(src)
+    files, weight_map = _shard_files(ref, src)
     hparams, tc = load_hparams(src)
     geo = text_geometry(tc, hparams, spec.family)
     first_shared = geo.n_layer - geo.n_kv_shared
     keep_rows = vocab_rows(src, hparams)
 
-    headers: list[ShardHeader] = [read_header(src / f) for f in files]
+    headers: list[ShardHeader] = [read_shard_header(reader, f) for f in files]
     if weight_map is not None:
-        index_file = str(src / INDEX_NAME)
+        index_file = ref.label(INDEX_NAME)
         for f, h in zip(files, headers):
             for n in (n for n, v in weight_map.items() if v == f):
                 if n not in h.tensors:
@@ -253,7 +299,7 @@ def plan_conversion(src: Path | str, *, recipe: Recipe | str,
         rp = (hparams.get("rope_parameters") or {}).get("full_attention", {})
         if rp.get("rope_type", "proportional") != "proportional":
             raise CheckpointError(f"full-attention rope_type {rp.get('rope_type')!r} is not "
-                                  "'proportional'", file=str(src / "config.json"))
+                                  "'proportional'", file=ref.label("config.json"))
         n_rot = int(hd_full * rp.get("partial_rotary_factor", 0.25) / 2)
         gen_jobs.append(("rope_freqs.weight", (hd_full // 2,), {"n_rot": n_rot, "n_unrot": hd_full // 2 - n_rot}))
 
@@ -281,7 +327,8 @@ def plan_conversion(src: Path | str, *, recipe: Recipe | str,
             shift = spec.norm_shift and m.gguf_name.endswith("norm.weight")
             jobs.append(job(m.gguf_name, name, entry.dtype, tuple(entry.shape), shape, rows,
                             "norm_shift" if shift else "copy", {"shift": spec.norm_shift} if shift else {}))
-        shard_jobs.append(ShardJob(index=i, file=f, size=h.file_size, tensors=tuple(jobs)))
+        shard_jobs.append(ShardJob(index=i, file=f, size=h.file_size, tensors=tuple(jobs),
+                                   digest=ref.file(f).digest))
     if gen_jobs:
         shard_jobs.append(ShardJob(index=len(shard_jobs), file=None, size=0, tensors=tuple(
             job(g, None, None, s, s, None, "rope_freqs", p) for g, s, p in gen_jobs)))
@@ -295,6 +342,6 @@ def plan_conversion(src: Path | str, *, recipe: Recipe | str,
     kvs = build_metadata(src=src, spec=spec, hparams=hparams, geometry=geo, file_type=file_type,
                          tensors=[(n, by_name[n].shape) for n in order],
                          unified="Unified" in hf_arch)
-    return ConversionPlan(version=PLAN_VERSION, src=str(src), hf_architecture=hf_arch, arch=spec.gguf_arch,
+    return ConversionPlan(version=PLAN_VERSION, source=ref, hf_architecture=hf_arch, arch=spec.gguf_arch,
                           recipe=rec.name, file_type=file_type, kvs=tuple(kvs), order=order,
                           shards=tuple(shard_jobs), mmproj=tuple(mm), skipped=tuple(skipped))

@@ -51,50 +51,118 @@ class ShardHeader:
 
 
 def read_header(path: Path) -> ShardHeader:
-    """Parse and check a shard header. Raises `CheckpointError` naming the file and tensor."""
+    """Parse and check the header of a local shard. Raises `CheckpointError` naming the
+    file and tensor."""
     path = Path(path)
     file = str(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise CheckpointError(
-                    f"file is {size} bytes, shorter than the 8-byte header length; the shard is "
-                    "truncated: download it again", file=file)
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise CheckpointError(
-                    f"header length {n} points past the end of the {size}-byte file; the shard is "
-                    "truncated or not a safetensors file: download it again", file=file)
+            n = header_length(fh.read(8), file_size=size, file=file)
             raw = fh.read(n)
     except FileNotFoundError:
         raise CheckpointError("shard file does not exist", file=file) from None
+    return parse_header(raw, file_size=size, file=file)
+
+
+def header_length(first8: bytes, *, file_size: int, file: str) -> int:
+    """The JSON header's length from a shard's first 8 bytes, checked against the file size."""
+    if len(first8) < 8:
+        raise CheckpointError(
+            f"file is {file_size} bytes, shorter than the 8-byte header length; the shard is "
+            "truncated: download it again", file=file)
+    (n,) = struct.unpack("<Q", first8[:8])
+    if n > _MAX_HEADER or 8 + n > file_size:
+        raise CheckpointError(
+            f"header length {n} points past the end of the {file_size}-byte file (or above "
+            f"{_MAX_HEADER} bytes); the shard is truncated or not a safetensors file: download it again",
+            file=file)
+    return n
+
+
+def _nesting_depth(raw: bytes) -> int:
+    """Deepest bracket nesting outside strings: a header is at most 3 levels deep
+    ({name: {shape: [..]}}), so anything deeper is refused before json parses it."""
+    depth = top = 0
+    in_str = esc = False
+    for c in raw:
+        if in_str:
+            if esc:
+                esc = False
+            elif c == 0x5C:  # backslash
+                esc = True
+            elif c == 0x22:
+                in_str = False
+        elif c == 0x22:
+            in_str = True
+        elif c in (0x7B, 0x5B):
+            depth += 1
+            top = max(top, depth)
+        elif c in (0x7D, 0x5D):
+            depth -= 1
+    return top
+
+
+def _dims(value: object) -> tuple[int, ...] | None:
+    # JSON integers only: no floats, strings, booleans or negative sizes
+    if not isinstance(value, list):
+        return None
+    if not all(type(d) is int and d >= 0 for d in value):
+        return None
+    return tuple(value)
+
+
+def parse_header(raw: bytes, *, file_size: int, file: str) -> ShardHeader:
+    """Check a shard's JSON header (the bytes after the 8-byte length) against the rules of
+    the format; the shard is untrusted input. Raises `CheckpointError` naming the file and
+    the tensor, the rule broken and the fix.
+
+    ref: safetensors format (huggingface/safetensors README "Format"): every entry is
+    {dtype, shape: [non-negative ints], data_offsets: [begin, end]} with the offsets inside
+    the data section and no two tensors sharing bytes; `__metadata__` maps str to str."""
+    n = len(raw)
+    if _nesting_depth(raw) > 3:
+        raise CheckpointError("header nests deeper than a safetensors header can (3 levels); the "
+                              "shard is corrupt or crafted: download it again", file=file)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"header is not valid JSON ({exc}); the shard is corrupt: download it again",
                               file=file) from None
     if not isinstance(header, dict):
         raise CheckpointError("header is not a JSON object; the shard is corrupt", file=file)
     data_start = 8 + n
-    data_size = size - data_start
-    metadata = header.pop("__metadata__", None) or {}
+    data_size = file_size - data_start
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError("__metadata__ must map strings to strings; the header is corrupt",
+                              file=file, tensor="__metadata__")
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
-        try:
-            dtype = info["dtype"]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError("header entry lacks dtype, shape or data_offsets", file=file,
-                                  tensor=name) from None
+        if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"}:
+            raise CheckpointError("header entry must be {dtype, shape, data_offsets}; the header is corrupt",
+                                  file=file, tensor=name)
+        dtype = info.get("dtype")
+        shape = _dims(info.get("shape"))
+        offsets = _dims(info.get("data_offsets"))
+        if not isinstance(dtype, str) or shape is None:
+            raise CheckpointError(
+                f"dtype {dtype!r} / shape {info.get('shape')!r}: a dtype name and a list of "
+                "non-negative integer dimensions are required; the header is corrupt", file=file, tensor=name)
+        if offsets is None or len(offsets) != 2:
+            raise CheckpointError(
+                f"data_offsets {info.get('data_offsets')!r} must be two non-negative integers "
+                "[begin, end]; the header is corrupt", file=file, tensor=name)
+        begin, end = offsets
         if dtype not in DTYPES:
             known = "known" if dtype in _ALL_DTYPES else "unknown"
             raise CheckpointError(
                 f"dtype {dtype} ({known}) is not supported; the converter reads F32, F16 and BF16: "
                 "save the checkpoint in one of those", file=file, tensor=name)
-        if begin < 0 or end < begin or end > data_size:
+        if end < begin or end > data_size:
             raise CheckpointError(
                 f"data_offsets [{begin}, {end}] point outside the {data_size}-byte data section; the "
                 "shard is truncated or corrupt: download it again", file=file, tensor=name)
@@ -104,14 +172,18 @@ def read_header(path: Path) -> ShardHeader:
                 f"data_offsets span {end - begin} bytes but {dtype}{list(shape)} needs {expect}; "
                 "the header is corrupt", file=file, tensor=name)
         entries[name] = TensorEntry(name, dtype, shape, data_start + begin, end - begin)
-    # overlap: sort by start and compare neighbours
-    spans = sorted(entries.values(), key=lambda e: e.begin)
-    for a, b in zip(spans, spans[1:]):
-        if b.begin < a.begin + a.nbytes and b.nbytes and a.nbytes:
+    # overlap: sweep in start order, keeping the furthest end seen so far, so a tensor that
+    # lies inside a long earlier one is caught even when its neighbours do not overlap
+    spans = sorted((e for e in entries.values() if e.nbytes), key=lambda e: (e.begin, e.nbytes))
+    reach: TensorEntry | None = None
+    for e in spans:
+        if reach is not None and e.begin < reach.begin + reach.nbytes:
             raise CheckpointError(
-                f"data of {b.name!r} overlaps data of {a.name!r}; the header is corrupt", file=file,
-                tensor=b.name)
-    return ShardHeader(file, size, data_start, entries, metadata)
+                f"data of {e.name!r} overlaps data of {reach.name!r}; the header is corrupt", file=file,
+                tensor=e.name)
+        if reach is None or e.begin + e.nbytes > reach.begin + reach.nbytes:
+            reach = e
+    return ShardHeader(file, file_size, data_start, entries, metadata)
 
 
 def open_tensor(path: Path, entry: TensorEntry) -> np.ndarray:

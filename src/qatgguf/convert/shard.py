@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from qatgguf import quant
-from qatgguf.convert.plan import ConversionPlan, TensorJob
+from qatgguf.convert.plan import ConversionPlan, ShardJob, TensorJob
 from qatgguf.convert.safetensors import DTYPES, TensorEntry, nonfinite_rows, read_header, to_f32
 from qatgguf.errors import CheckpointError, NonFiniteError, QuantizationError
 from qatgguf.gguf.writer import pad
@@ -103,9 +103,25 @@ def _tensor_chunks(job: TensorJob, fd: int | None, entry: TensorEntry | None,
             yield np.ascontiguousarray(q).tobytes()
 
 
-def convert_shard(plan: ConversionPlan, index: int, out_part: Path, *, threads: int | None = None) -> PartInfo:
+def shard_path(plan: ConversionPlan, sj: ShardJob, given: Path | None) -> Path | None:
+    """The local file a shard job reads: `given` (fetched by the caller), else the file in
+    a local checkpoint folder. Raises `CheckpointError` when a remote shard was not fetched."""
+    if sj.file is None:
+        return None
+    if given is not None:
+        return Path(given)
+    if plan.source.local_dir is None:
+        raise CheckpointError("the shard is remote: fetch it first (SourceReader.fetch) and pass its path",
+                              file=plan.source.label(sj.file))
+    return plan.source.local_dir / sj.file
+
+
+def convert_shard(plan: ConversionPlan, index: int, out_part: Path, *, shard: Path | None = None,
+                  threads: int | None = None) -> PartInfo:
     """Convert shard job `index` of `plan` into the part file `out_part`, quantizing on
-    `threads` threads (default: `quant.default_threads()`).
+    `threads` threads (default: `quant.default_threads()`). `shard` is the local copy of
+    the job's safetensors file (fetched and checked by the caller); for a local checkpoint
+    it defaults to the file in the checkpoint folder.
 
     Reads only that shard, one block of rows at a time. Raises `CheckpointError`
     if the shard changed since planning, `NonFiniteError` for NaN/Inf, `QuantizationError`
@@ -116,7 +132,7 @@ def convert_shard(plan: ConversionPlan, index: int, out_part: Path, *, threads: 
     threads = threads or quant.default_threads()
     out_part = Path(out_part)
     out_part.parent.mkdir(parents=True, exist_ok=True)
-    src_path = Path(plan.src) / sj.file if sj.file else None
+    src_path = shard_path(plan, sj, shard)
     entries: dict[str, TensorEntry] = {}
     if src_path is not None:
         header = read_header(src_path)
@@ -180,13 +196,18 @@ def read_manifest(part: Path) -> dict:
         return json.loads(fh.read(n))
 
 
-def write_direct(plan: ConversionPlan, out: Path, *, split_max_size: int | None = None,
+def write_direct(plan: ConversionPlan, out: Path, *, root: Path | None = None, split_max_size: int | None = None,
                  threads: int | None = None) -> list[Path]:
     """Convert every shard job straight into the GGUF file(s), in plan order (shard by shard,
-    one tensor block at a time): the single-process path, with no part files. Written under
-    temporary names and renamed when complete. Quantizes on `threads` threads (default:
+    one tensor block at a time): the single-process path, with no part files. `root` holds
+    the shard files (default: the local checkpoint folder). Written under temporary names
+    and renamed when complete. Quantizes on `threads` threads (default:
     `quant.default_threads()`)."""
     threads = threads or quant.default_threads()
+    root = Path(root) if root is not None else plan.source.local_dir
+    if root is None:
+        raise CheckpointError("the checkpoint is remote: fetch it first (fetch_checkpoint) and pass root",
+                              file=plan.source.label())
     from qatgguf.gguf.writer import GGUFFileWriter, shard_paths, split_kvs, split_tensors
 
     infos = plan.tensor_infos()
@@ -211,7 +232,7 @@ def write_direct(plan: ConversionPlan, out: Path, *, split_max_size: int | None 
             writers.append(w)
         for sj in plan.shards:  # checked once per shard, as convert_shard does
             if sj.file is not None:
-                header = read_header(Path(plan.src) / sj.file)
+                header = read_header(root / sj.file)
                 if header.file_size != sj.size:
                     raise CheckpointError(f"file is {header.file_size} bytes, the plan saw {sj.size}; the "
                                           "shard changed after planning: plan again", file=header.path)
@@ -222,11 +243,11 @@ def write_direct(plan: ConversionPlan, out: Path, *, split_max_size: int | None 
             e = entry[0] if entry else None
             if job.hf_name is not None and (e is None or e.shape != job.src_shape or e.dtype != job.src_dtype):
                 raise CheckpointError("tensor missing or changed since planning: plan again",
-                                      file=str(Path(plan.src) / sj.file), tensor=job.hf_name)
+                                      file=str(root / sj.file), tensor=job.hf_name)
             w = writers[file_of[name]]
             w.begin_tensor(name)
             fd = fds.get(sj.file) if sj.file else None
-            file = str(Path(plan.src) / sj.file) if sj.file else "<generated>"
+            file = str(root / sj.file) if sj.file else "<generated>"
             for chunk in _tensor_chunks(job, fd, e, file, threads):
                 w.write(chunk)
         for w in writers:

@@ -52,6 +52,16 @@ TYPE_SIZES: dict[T, tuple[int, int]] = {
     T.MXFP4: (32, 1 + 16),
 }
 
+# The version of the bytes a kernel writes, per (type, grid): bump an entry when that
+# kernel's output for the same input changes, and exactly the content keys of the parts
+# that use it change (qatgguf.keys). Types not listed are at version 1.
+KERNEL_VERSIONS: dict[tuple[str, str | None], int] = {}
+
+
+def kernel_version(qtype: str, grid: str | None = None) -> int:
+    return KERNEL_VERSIONS.get((qtype, grid), 1)
+
+
 KernelQ = Callable[[np.ndarray, np.ndarray], None]
 KernelD = Callable[[np.ndarray, np.ndarray], None]
 

@@ -158,6 +158,19 @@ def _rules_of(name: str, seen: tuple[str, ...] = ()) -> tuple[dict[str, Any], li
     return data, rules
 
 
+def recipe_sources(name: str) -> dict[str, str]:
+    """{file name: text} of a recipe and every recipe it extends: what decides its choices
+    (and so what a content key of its outputs covers)."""
+    out: dict[str, str] = {}
+    while name and name not in out:
+        res = resources.files("qatgguf.recipes").joinpath(f"{name}.yaml")
+        if not res.is_file():
+            raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(available_recipes())}")
+        out[name] = res.read_text(encoding="utf-8")
+        name = str((yaml.safe_load(out[name]) or {}).get("extends") or "")
+    return out
+
+
 def load_recipe(name: str) -> Recipe:
     """Load `recipes/<name>.yaml`. Raises `ConfigError` for an unknown name or bad data."""
     data, rules = _rules_of(name)

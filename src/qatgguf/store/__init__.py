@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from qatgguf.errors import StoreError
-from qatgguf.store.base import ArtifactRef, ArtifactStore, ProgressCallback, S3Credentials
+from qatgguf.store.base import ArtifactRef, ArtifactStore, ObjectInfo, ProgressCallback, S3Credentials
 from qatgguf.store.local import LocalStore
 
 if TYPE_CHECKING:
@@ -24,6 +24,7 @@ __all__ = [
     "ArtifactRef",
     "ArtifactStore",
     "LocalStore",
+    "ObjectInfo",
     "ProgressCallback",
     "S3Credentials",
     "S3Store",

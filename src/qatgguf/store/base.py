@@ -58,6 +58,19 @@ class ArtifactRef:
 
 
 @dataclass(frozen=True)
+class ObjectInfo:
+    """What a store knows of an object without reading it: its size, the sha256 recorded
+    when it was stored (None for objects written by other tools) and, on S3, its ETag and
+    version id (None elsewhere)."""
+
+    key: str
+    size: int
+    sha256: str | None
+    etag: str | None = None
+    version_id: str | None = None
+
+
+@dataclass(frozen=True)
 class S3Credentials:
     """Explicit S3 credentials. The secret parts never show in `repr` or `str`."""
 
@@ -86,9 +99,15 @@ class ArtifactStore(Protocol):
         ...
 
     def put_file(
-        self, path: str | Path, key: str, *, progress: ProgressCallback | None = None
+        self, path: str | Path, key: str, *, progress: ProgressCallback | None = None,
+        exclusive: bool = False,
     ) -> ArtifactRef:
-        """Upload a file atomically, hashing it while it streams. Raises StoreError."""
+        """Upload a file atomically, hashing it while it streams. Raises StoreError.
+
+        With `exclusive` the write only happens if the key does not exist yet (S3
+        `If-None-Match: *`; a hard link on disk): two runs that computed the same content
+        key cannot clobber each other. When the key exists, the stored object's reference
+        is returned (the first writer wins)."""
         ...
 
     def get_file(self, key_or_uri: str, dest: str | Path, *, sha256: str | None = None) -> Path:
@@ -105,11 +124,25 @@ class ArtifactStore(Protocol):
         """The reference of an existing object (no download), or None."""
         ...
 
-    def put_bytes(self, data: bytes, key: str) -> ArtifactRef: ...
+    def info(self, key: str) -> ObjectInfo | None:
+        """Size, recorded sha256, ETag and version of an object, never reading it; None
+        when it does not exist."""
+        ...
+
+    def read_range(self, key_or_uri: str, start: int, length: int, *, etag: str | None = None) -> bytes:
+        """`length` bytes from offset `start` (fewer at the end of the object). With `etag`,
+        the read fails unless the object still has that ETag."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove an object (and its metadata); absent objects are not an error."""
+        ...
+
+    def put_bytes(self, data: bytes, key: str, *, exclusive: bool = False) -> ArtifactRef: ...
 
     def get_bytes(self, key_or_uri: str) -> bytes: ...
 
-    def put_json(self, obj: Any, key: str) -> ArtifactRef: ...
+    def put_json(self, obj: Any, key: str, *, exclusive: bool = False) -> ArtifactRef: ...
 
     def get_json(self, key_or_uri: str) -> Any: ...
 
@@ -259,8 +292,9 @@ def iter_chunks(f: IO[bytes]) -> Iterator[bytes]:
 class JsonOverBytes:
     """`put_json`/`get_json` for any store that has `put_bytes`/`get_bytes`."""
 
-    def put_json(self, obj: Any, key: str) -> ArtifactRef:
-        return self.put_bytes(dumps_json(obj), check_key_arg(key, "put_json(obj, key)"))  # type: ignore[attr-defined]
+    def put_json(self, obj: Any, key: str, *, exclusive: bool = False) -> ArtifactRef:
+        return self.put_bytes(dumps_json(obj), check_key_arg(key, "put_json(obj, key)"),  # type: ignore[attr-defined]
+                              exclusive=exclusive)
 
     def get_json(self, key_or_uri: str) -> Any:
         return loads_json(self.get_bytes(key_or_uri), uri=key_or_uri)  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ from qatgguf.store.base import (
     CHUNK_SIZE,
     ArtifactRef,
     JsonOverBytes,
+    ObjectInfo,
     ProgressCallback,
     check_sha256,
     sha256_file,
@@ -46,12 +47,29 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _publish(tmp: Path, dest: Path, *, exclusive: bool) -> bool:
+    """Move a complete temporary file into place. Exclusive: a hard link, which fails when
+    `dest` exists (the first writer wins); returns False then, and the temporary file is
+    removed either way."""
+    if not exclusive:
+        os.replace(tmp, dest)
+        return True
+    try:
+        os.link(tmp, dest)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _copy_hashing(
-    src: Path, dest: Path, *, progress: ProgressCallback | None = None
-) -> tuple[str, int]:
+    src: Path, dest: Path, *, progress: ProgressCallback | None = None, exclusive: bool = False
+) -> tuple[str | None, int]:
     """Copy `src` to a temporary name next to `dest`, hash while copying, then rename.
 
-    Returns (sha256, size). Nothing is left at `dest` or the temporary name on failure.
+    Returns (sha256, size); (None, size) when `exclusive` and `dest` already existed.
+    Nothing is left at `dest` or the temporary name on failure.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(dest)
@@ -67,7 +85,8 @@ def _copy_hashing(
                     progress(len(chunk))
             fout.flush()
             os.fsync(fout.fileno())
-        os.replace(tmp, dest)
+        if not _publish(tmp, dest, exclusive=exclusive):
+            return None, size
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -157,7 +176,8 @@ class LocalStore(JsonOverBytes):
     # -- protocol ----------------------------------------------------------------------
 
     def put_file(
-        self, path: str | Path, key: str, *, progress: ProgressCallback | None = None
+        self, path: str | Path, key: str, *, progress: ProgressCallback | None = None,
+        exclusive: bool = False,
     ) -> ArtifactRef:
         src = Path(path)
         dest = self._path(key)
@@ -165,11 +185,15 @@ class LocalStore(JsonOverBytes):
         if not src.is_file():
             raise StoreError(f"{src}: cannot store as {uri}: not a regular file")
         try:
-            if dest.exists() and os.path.samefile(src, dest):
+            if dest.exists() and (exclusive or os.path.samefile(src, dest)):
                 ref = self.stat(key)
                 if ref is not None:
                     return ref
-            sha256, size = _copy_hashing(src, dest, progress=progress)
+            sha256, size = _copy_hashing(src, dest, progress=progress, exclusive=exclusive)
+            if exclusive and sha256 is None:  # another writer got there first
+                ref = self.stat(key)
+                assert ref is not None
+                return ref
             self._write_meta(key, sha256, size)
         except StoreError:
             raise
@@ -177,7 +201,10 @@ class LocalStore(JsonOverBytes):
             raise StoreError(f"{src}: storing as {uri} failed: {exc.strerror or exc}") from exc
         return ArtifactRef(uri=uri, sha256=sha256, size=size)
 
-    def get_file(self, key_or_uri: str, dest: str | Path, *, sha256: str | None = None) -> Path:
+    def get_file(
+        self, key_or_uri: str, dest: str | Path, *, sha256: str | None = None, etag: str | None = None
+    ) -> Path:
+        # `etag` is an S3 notion; a local object has none, so it is not checked here
         key = self._key_of(key_or_uri)
         uri = self.uri_for(key)
         if sha256 is not None:
@@ -240,7 +267,7 @@ class LocalStore(JsonOverBytes):
                 self._write_meta(key, sha256, size)
         return ArtifactRef(uri=self.uri_for(key), sha256=sha256, size=st.st_size)
 
-    def put_bytes(self, data: bytes, key: str) -> ArtifactRef:
+    def put_bytes(self, data: bytes, key: str, *, exclusive: bool = False) -> ArtifactRef:
         dest = self._path(key)
         uri = self.uri_for(key)
         tmp = _tmp_name(dest)
@@ -250,7 +277,10 @@ class LocalStore(JsonOverBytes):
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, dest)
+            if not _publish(tmp, dest, exclusive=exclusive):
+                ref = self.stat(key)
+                assert ref is not None
+                return ref
             sha256 = hashlib.sha256(data).hexdigest()
             self._write_meta(key, sha256, len(data))
         except OSError as exc:
@@ -278,6 +308,33 @@ class LocalStore(JsonOverBytes):
                 f"{uri}: sha256 mismatch: stored {stored}, read {got}; object is corrupt"
             )
         return data
+
+    def info(self, key: str) -> ObjectInfo | None:
+        path = self._path(key)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        if not path.is_file():
+            return None
+        return ObjectInfo(key=key, size=st.st_size, sha256=self._read_meta(key, st))
+
+    def read_range(self, key_or_uri: str, start: int, length: int, *, etag: str | None = None) -> bytes:
+        key = self._key_of(key_or_uri)
+        if start < 0 or length < 1:
+            raise StoreError(f"{self.uri_for(key)}: read_range({start}, {length}) needs start >= 0 and length >= 1")
+        try:
+            with open(self.root / key, "rb") as f:
+                f.seek(start)
+                return f.read(length)
+        except FileNotFoundError:
+            raise StoreError(f"{self.uri_for(key)}: no such artifact (read_range)") from None
+        except OSError as exc:
+            raise StoreError(f"{self.uri_for(key)}: read_range failed: {exc.strerror or exc}") from exc
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+        self._meta_path(key).unlink(missing_ok=True)
 
     def list(self, prefix: str = "") -> list[str]:
         validate_prefix(prefix)

@@ -33,6 +33,7 @@ from qatgguf.store.base import (
     ArtifactRef,
     HashingReader,
     JsonOverBytes,
+    ObjectInfo,
     ProgressCallback,
     S3Credentials,
     check_sha256,
@@ -52,6 +53,7 @@ DEFAULT_MULTIPART_CHUNKSIZE = 64 * MiB
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _AUTH = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 _ENV_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+log = logging.getLogger(__name__)
 
 
 def _quiet_botocore_debug() -> None:
@@ -67,9 +69,10 @@ class _HashingWriter:
     """Write-only, non-seekable sink: boto3 then writes the ranges in order, so the digest
     can be computed while the download streams to disk."""
 
-    def __init__(self, f: Any) -> None:
+    def __init__(self, f: Any, *, md5: bool = False) -> None:
         self._f = f
         self.hash = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False) if md5 else None
         self.size = 0
 
     def writable(self) -> bool:
@@ -80,6 +83,8 @@ class _HashingWriter:
 
     def write(self, data: bytes) -> int:
         self.hash.update(data)
+        if self.md5 is not None:
+            self.md5.update(data)
         self.size += len(data)
         return self._f.write(data)
 
@@ -235,7 +240,8 @@ class S3Store(JsonOverBytes):
     # -- protocol ----------------------------------------------------------------------
 
     def put_file(
-        self, path: str | Path, key: str, *, progress: ProgressCallback | None = None
+        self, path: str | Path, key: str, *, progress: ProgressCallback | None = None,
+        exclusive: bool = False,
     ) -> ArtifactRef:
         src = Path(path)
         uri = self.uri_for(key)
@@ -258,6 +264,10 @@ class S3Store(JsonOverBytes):
             if progress is not None:
                 progress(size)
             return ArtifactRef(uri=uri, sha256=sha256, size=size)
+        if exclusive:
+            if head is not None:
+                return self._first_writer(key, head, sha256)
+            return self._put_exclusive(src, key, sha256=sha256, size=size, progress=progress)
         try:
             with open(src, "rb") as f:
                 reader = HashingReader(
@@ -278,7 +288,76 @@ class S3Store(JsonOverBytes):
             raise StoreError(f"{src}: storing as {uri} failed: {exc.strerror or exc}") from exc
         return ArtifactRef(uri=uri, sha256=sha256, size=size)
 
-    def get_file(self, key_or_uri: str, dest: str | Path, *, sha256: str | None = None) -> Path:
+    def _first_writer(self, key: str, head: dict[str, Any], ours: str) -> ArtifactRef:
+        """The object another writer stored first under a content key we also computed."""
+        stored = head.get("Metadata", {}).get("sha256")
+        if stored is None:
+            ref = self.stat(key)
+            assert ref is not None
+            return ref
+        if stored != ours:
+            log.warning("%s: kept the object stored first (sha256 %s); this run computed %s",
+                        self.uri_for(key), stored[:12], ours[:12])
+        return ArtifactRef(uri=self.uri_for(key), sha256=stored, size=int(head["ContentLength"]))
+
+    def _put_exclusive(
+        self, src: Path, key: str, *, sha256: str, size: int, progress: ProgressCallback | None
+    ) -> ArtifactRef:
+        """Write only if the key does not exist: PutObject or CompleteMultipartUpload with
+        `If-None-Match: *` (boto3's transfer manager does not pass that header, so the
+        multipart upload is driven here; an unfinished one is aborted, never left behind).
+        ref: AWS S3 conditional writes (PutObject / CompleteMultipartUpload If-None-Match)"""
+        uri = self.uri_for(key)
+        full = self._full(key)
+        chunk = self._transfer.multipart_chunksize
+        upload_id = None
+        try:
+            with open(src, "rb") as f:
+                reader = HashingReader(f, uri=uri, expect_sha256=sha256, expect_size=size, progress=progress)
+                if size < self._transfer.multipart_threshold:
+                    body = reader.read(size) + reader.read(1)  # the second read checks the end
+                    self.client.put_object(
+                        Bucket=self.bucket, Key=full, Body=body, Metadata={"sha256": sha256},
+                        ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256)).decode(), IfNoneMatch="*",
+                    )
+                else:
+                    upload_id = self.client.create_multipart_upload(
+                        Bucket=self.bucket, Key=full, Metadata={"sha256": sha256})["UploadId"]
+                    parts = []
+                    number = 1
+                    while data := reader.read(chunk):
+                        etag = self.client.upload_part(
+                            Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=data)["ETag"]
+                        parts.append({"PartNumber": number, "ETag": etag})
+                        number += 1
+                    reader.read(1)
+                    self.client.complete_multipart_upload(
+                        Bucket=self.bucket, Key=full, UploadId=upload_id,
+                        MultipartUpload={"Parts": parts}, IfNoneMatch="*")
+                    upload_id = None
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                head = self._head(key, op="put_file")
+                if head is not None:
+                    return self._first_writer(key, head, sha256)
+            raise self._error(exc, op="put_file", key=key) from None
+        except (BotoCoreError, Boto3Error) as exc:
+            raise self._error(exc, op="put_file", key=key) from None
+        except OSError as exc:
+            raise StoreError(f"{src}: storing as {uri} failed: {exc.strerror or exc}") from exc
+        finally:
+            if upload_id is not None:
+                try:
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+                except (ClientError, BotoCoreError, Boto3Error) as exc:
+                    log.warning("%s: could not abort multipart upload: %s", uri, self._scrub(str(exc)))
+        return ArtifactRef(uri=uri, sha256=sha256, size=size)
+
+    def get_file(
+        self, key_or_uri: str, dest: str | Path, *, sha256: str | None = None, etag: str | None = None
+    ) -> Path:
         key = self._key_of(key_or_uri)
         uri = self.uri_for(key)
         if sha256 is not None:
@@ -289,7 +368,12 @@ class S3Store(JsonOverBytes):
                 f"{uri}: get_file failed: no such object in bucket {self.bucket!r} "
                 f"(key {self._full(key)!r}); check the key or run the step that stores it"
             )
+        if etag is not None and str(head.get("ETag", "")).strip('"') != etag:
+            raise StoreError(f"{uri}: the object changed (ETag {str(head.get('ETag', '')).strip(chr(34))}, the "
+                             f"plan saw {etag}); the source was replaced after planning: plan again")
         stored = head.get("Metadata", {}).get("sha256")
+        # an ETag without a part count is the MD5 of the body: check it when no sha256 is known
+        md5 = etag if etag is not None and sha256 is None and stored is None and "-" not in etag else None
         dest = Path(dest)
         if dest.is_dir():
             dest = dest / key.rsplit("/", 1)[-1]
@@ -297,13 +381,16 @@ class S3Store(JsonOverBytes):
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "xb") as f:
-                sink = _HashingWriter(f)
+                sink = _HashingWriter(f, md5=md5 is not None)
                 self.client.download_fileobj(
                     self.bucket, self._full(key), sink, Config=self._transfer
                 )
                 f.flush()
                 os.fsync(f.fileno())
             got = sink.hash.hexdigest()
+            if md5 is not None and sink.md5 is not None and sink.md5.hexdigest() != md5:
+                raise StoreError(f"{uri}: MD5 {sink.md5.hexdigest()} differs from the ETag {md5}; the "
+                                 "download is corrupt: retry")
             for want, source in ((sha256, "expected"), (stored, "stored")):
                 if want is not None and got != want:
                     raise StoreError(
@@ -339,8 +426,9 @@ class S3Store(JsonOverBytes):
             sha256 = hashlib.sha256(self._get(key, op="stat")[0]).hexdigest()
         return ArtifactRef(uri=self.uri_for(key), sha256=sha256, size=int(head["ContentLength"]))
 
-    def put_bytes(self, data: bytes, key: str) -> ArtifactRef:
+    def put_bytes(self, data: bytes, key: str, *, exclusive: bool = False) -> ArtifactRef:
         digest = hashlib.sha256(data)
+        extra = {"IfNoneMatch": "*"} if exclusive else {}
         try:
             self.client.put_object(
                 Bucket=self.bucket,
@@ -349,10 +437,69 @@ class S3Store(JsonOverBytes):
                 Metadata={"sha256": digest.hexdigest()},
                 # The server checks the body against it, so a damaged request is refused.
                 ChecksumSHA256=base64.b64encode(digest.digest()).decode(),
+                **extra,
             )
-        except (ClientError, BotoCoreError, Boto3Error) as exc:
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if exclusive and status in (409, 412):
+                head = self._head(key, op="put_bytes")
+                if head is not None:
+                    return self._first_writer(key, head, digest.hexdigest())
+            raise self._error(exc, op="put_bytes", key=key) from None
+        except (BotoCoreError, Boto3Error) as exc:
             raise self._error(exc, op="put_bytes", key=key) from None
         return ArtifactRef(uri=self.uri_for(key), sha256=digest.hexdigest(), size=len(data))
+
+    def info(self, key: str) -> ObjectInfo | None:
+        head = self._head(key, op="info")
+        if head is None:
+            return None
+        return ObjectInfo(key=key, size=int(head["ContentLength"]), sha256=head.get("Metadata", {}).get("sha256"),
+                          etag=str(head.get("ETag", "")).strip('"') or None, version_id=head.get("VersionId"))
+
+    def read_range(self, key_or_uri: str, start: int, length: int, *, etag: str | None = None) -> bytes:
+        key = self._key_of(key_or_uri)
+        if start < 0 or length < 1:
+            raise StoreError(f"{self.uri_for(key)}: read_range({start}, {length}) needs start >= 0 and length >= 1")
+        extra = {"IfMatch": f'"{etag}"'} if etag else {}
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._full(key),
+                                          Range=f"bytes={start}-{start + length - 1}", **extra)
+            return resp["Body"].read()
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 412:
+                raise StoreError(f"{self.uri_for(key)}: the object changed (its ETag is no longer {etag}); "
+                                 "the source was replaced while reading it: plan again") from None
+            if status == 416:
+                return b""
+            raise self._error(exc, op="read_range", key=key) from None
+        except (BotoCoreError, Boto3Error) as exc:
+            raise self._error(exc, op="read_range", key=key) from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
+        except (ClientError, BotoCoreError, Boto3Error) as exc:
+            raise self._error(exc, op="delete", key=key) from None
+
+    def list_incomplete_uploads(self) -> list[tuple[str, str]]:
+        """(key, upload id) of every multipart upload under this store's prefix that was
+        started and neither completed nor aborted (left by a killed task)."""
+        base = f"{self.prefix}/" if self.prefix else ""
+        found: list[tuple[str, str]] = []
+        try:
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=base):
+                found += [(u["Key"][len(base):], u["UploadId"]) for u in page.get("Uploads", [])]
+        except (ClientError, BotoCoreError, Boto3Error) as exc:
+            raise self._error(exc, op="list_multipart_uploads", key=None) from None
+        return found
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._full(key), UploadId=upload_id)
+        except (ClientError, BotoCoreError, Boto3Error) as exc:
+            raise self._error(exc, op="abort_multipart_upload", key=key) from None
 
     def _get(self, key: str, *, op: str) -> tuple[bytes, dict[str, str]]:
         try:
