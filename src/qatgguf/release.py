@@ -473,7 +473,9 @@ def _kld_plot(ctx: ReleaseContext, store, model: str, work: Path, recipes: tuple
             if r is not None
         ]
         if not stats:
-            raise ConfigError(
+            from qatgguf.errors import PublishError
+
+            raise PublishError(
                 f"{model}/{recipe}: no per-token evaluation in the store under "
                 f"{ctx.key(model, 'eval', recipe)}; evaluate it before publishing"
             )

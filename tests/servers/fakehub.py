@@ -617,8 +617,9 @@ class FakeHub:
 
     def _collection_list(self, query: dict[str, str], **_: Any) -> tuple[int, list, Any]:
         owner = query.get("owner")
+        # The client numbers listed collections itself (Collection(position=...)).
         found = [
-            self._collection_json(c)
+            {k: v for k, v in self._collection_json(c).items() if k != "position"}
             for c in self.collections.values()
             if owner is None or c.namespace == owner
         ]

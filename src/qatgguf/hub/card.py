@@ -493,6 +493,14 @@ def check_card(text: str, *, expect: dict[str, Any] | None = None) -> ModelCard:
     return parsed
 
 
+def _metric(value: float, decimals: int) -> str:
+    """Fixed decimals as the seed's table prints them; values too small to show that way
+    (tiny test models) in scientific notation rather than as zeros."""
+    if value == 0 or abs(value) >= 10 ** (1 - decimals):
+        return f"{value:.{decimals}f}"
+    return f"{value:.2e}"
+
+
 def kld_table(
     title: str,
     rows: Sequence[dict[str, Any]],
@@ -520,8 +528,8 @@ def kld_table(
                 r["model"],
                 method,
                 f"{r['size'] / 1e9:.2f}" if r["size"] >= 1e7 else f"{r['size'] / 1e9:.4f}",
-                f"{float(r['kld_99_9']):.4f}",
-                f"{float(r['mean_kld']):.5f}",
+                _metric(float(r["kld_99_9"]), 4),
+                _metric(float(r["mean_kld"]), 5),
                 f"{100.0 * float(r['same_top_p']):.2f}",
             )
         )

@@ -102,7 +102,8 @@ def eval_method(
             f"evaluation of {quant_file}: the result has no corpus sha256; re-run the evaluation"
         )
     ctx, n_chunks = int(result["ctx"]), int(result["n_chunks"])
-    common = ["-c", str(ctx), "-b", str(batch), "-ub", str(ubatch), "-fa", flash_attn]
+    # llama.cpp clamps the micro-batch to the batch; say what actually runs.
+    common = ["-c", str(ctx), "-b", str(batch), "-ub", str(min(ubatch, batch)), "-fa", flash_attn]
     q = shlex.quote
     first = ["llama-perplexity", "-m", base_file, "-f", corpus, "--chunks", str(n_chunks),
              *common, "--kl-divergence-base", "bf16.kld"]

@@ -366,6 +366,8 @@ class HubPublisher:
                 )
             except (HfHubHTTPError, httpx2.HTTPError) as exc:
                 fault = self._classify(exc, repo_id=repo_id, step=step)
+            except (ModelCardError, PublishError):
+                raise
             except ValueError as exc:
                 text = " ".join(scrub(str(exc), self._secrets()).split())  # one line for logs
                 if "Invalid metadata in README.md" in text:
