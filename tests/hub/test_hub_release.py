@@ -4,7 +4,6 @@ gate keeps the earlier Q4_0 file and says so on the card."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
