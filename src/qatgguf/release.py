@@ -410,7 +410,7 @@ def publish_model(
                     repo_id=model.repo,
                     base_model=model.base_model or f"{cfg.family}/{model.name}",
                     license=cfg.license,
-                    license_link=pub.license_link,
+                    license_link=content.license_link(cfg.license, pub.license_link),
                     language=pub.languages,
                     quantized_by=cfg.quantized_by,
                     files=content.card_files(manifest, release_id=ctx.release_id, failed=failed),

@@ -15,6 +15,14 @@ from qatgguf.hub.facts import ModelFacts
 from qatgguf.hub.manifest import Manifest
 
 PLOT_PATH = "kld-per-token.png"
+# Where the license texts of the Hub's non-SPDX license ids live, for configs that name
+# the id but no link.
+LICENSE_LINKS = {"gemma": "https://ai.google.dev/gemma/terms"}
+
+
+def license_link(license_id: str, configured: str | None) -> str | None:
+    """The configured link, else the known one for the license id (None for SPDX ids)."""
+    return configured or LICENSE_LINKS.get(license_id)
 
 
 def run_info(facts: ModelFacts, *, context: int) -> RunInfo:
