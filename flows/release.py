@@ -137,7 +137,8 @@ def _submit_model(run: ModelRun, cfg: ReleaseConfig, ctx: core.ReleaseContext, p
                                t.gate.submit(ctx, m.name, r, results[r], files[r], cfg.gate_for(m)))
     quant_files = {r: files[r] for r in cfg.recipes_for(m)}
     run.outputs = {"parts": shards, "files": files, "mmproj": projector, "evaluations": results}
-    run.publish = run.add(f"publish-{m.name}", t.publish.submit(ctx, cfg, m, quant_files, run.gates, projector))
+    run.publish = run.add(f"publish-{m.name}", t.publish.submit(ctx, cfg, m, quant_files, run.gates, projector,
+                                                                files[cfg.base_recipe]))
 
 
 def _outcome(label: str, future: PrefectFuture) -> tuple[str, Any, str | None]:

@@ -105,5 +105,6 @@ def gate(ctx: core.ReleaseContext, model: str, recipe: str, result: dict, quant:
 
 @task(name="publish", task_run_name="publish-{model.name}", retries=2, retry_delay_seconds=5, **_common)
 def publish(ctx: core.ReleaseContext, cfg: ReleaseConfig, model: ModelConfig, files: dict[str, core.GGUFOutput],
-            gates: dict[str, dict], mmproj: core.GGUFOutput | None = None) -> dict:
-    return core.publish_model(ctx, cfg, model, files, gates, mmproj=mmproj)
+            gates: dict[str, dict], mmproj: core.GGUFOutput | None = None, base: core.GGUFOutput | None = None
+            ) -> dict:
+    return core.publish_model(ctx, cfg, model, files, gates, mmproj=mmproj, base=base)

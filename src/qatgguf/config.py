@@ -78,9 +78,44 @@ class PublishConfig(_Strict):
     target: Literal["local", "hub"] = "local"
     local_root: str = "runs/hub"
     endpoint: str | None = None  # Hub endpoint; the token comes from HF_TOKEN
-    private: bool = False
+    private: bool = False  # true: the repos must be private (checked before each commit)
     # files above this are written as gguf-split parts (<name>-00001-of-0000N.gguf)
     split_max_size: int = Field(HUB_FILE_LIMIT, ge=1024 * 1024)
+    # The family's collection ("Gemma 4 QAT"), created if missing, in the repo owner's
+    # namespace; None: no collection.
+    collection: str | None = None
+    license_link: str | None = None  # URL of the license text; needed when license is not SPDX
+    languages: tuple[str, ...] = ()  # card metadata `language`, when the models list them
+    # The card's comparison of the naive conversion against the aligned one (table, plot).
+    aligned_recipe: str | None = "UD-Q4_K_XL"
+    naive_recipe: str | None = "q4_0"
+    # The context the card's commands use and its memory line states (capped at the
+    # model's maximum, which the card states too).
+    card_context: int = Field(32768, ge=256)
+    max_attempts: int = Field(6, ge=1)  # commit attempts per publish (412, 429, 5xx, drops)
+    max_seconds: float = Field(900.0, gt=0)  # time budget of one publish, waits included
+
+    @field_validator("collection")
+    @classmethod
+    def _collection(cls, v: str | None) -> str | None:
+        if v is not None and not (0 < len(v.strip()) <= 60):
+            raise ValueError("collection title must be 1 to 60 characters (or null for none)")
+        return v
+
+    @field_validator("license_link")
+    @classmethod
+    def _license_link(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://\S+$", v):
+            raise ValueError(f"license_link {v!r} must be an http(s) URL")
+        return v
+
+    @field_validator("languages")
+    @classmethod
+    def _languages(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [x for x in v if not re.fullmatch(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*", x)]
+        if bad:
+            raise ValueError(f"languages {bad} are not ISO 639 codes like 'en' or 'pt-BR'")
+        return v
 
     @field_validator("split_max_size", mode="before")
     @classmethod
@@ -153,6 +188,7 @@ class ReleaseConfig(_Strict):
 
         known = set(available_recipes())
         wanted = {self.base_recipe, *self.recipes, *(r for m in self.models for r in (m.recipes or ()))}
+        wanted |= {r for r in (self.publish.aligned_recipe, self.publish.naive_recipe) if r}
         unknown = sorted(wanted - known)
         if unknown:
             raise ValueError(f"unknown recipe(s) {unknown}; known: {sorted(known)}")

@@ -4,7 +4,15 @@ resolve), as a WSGI app run on 127.0.0.1 by the `fake_hub` fixture.
 
 It keeps a commit history per repo in memory and LFS blobs on disk by sha256, checks a
 bearer token on writes the way the Hub does (the LFS PUT, validate-yaml and the
-telemetry call carry no token), and logs every request so tests can assert on traffic.
+telemetry call carry no token), answers 412 to a commit whose `parentCommit` is not the
+branch head, holds collections (`/api/collections...`), and logs every request with its
+status so tests can assert on traffic.
+
+Faults are injected per request (`FakeHub.inject`): an HTTP status with headers (429 with
+Retry-After, 503), a connection dropped after reading part of the body (the client sees
+a reset, as when a proxy or the network drops an upload), or a hook run before the
+request is handled (a concurrent commit landing between a client's list and its commit).
+
 Xet is not implemented: clients must run with `HF_HUB_DISABLE_XET`.
 """
 
@@ -37,6 +45,47 @@ GITATTRIBUTES = (
 BAD_TOKEN_MESSAGE = "Invalid credentials in Authorization header"
 
 StartResponse = Callable[..., Any]
+
+# The license ids the Hub lists for model cards (a subset: the SPDX ones this project can
+# meet plus the Hub's own ids); "other" needs license_name and license_link.
+HUB_LICENSES = frozenset(
+    {
+        "apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc0-1.0", "cc-by-4.0",
+        "cc-by-sa-4.0", "cc-by-nc-4.0", "gpl-3.0", "lgpl-3.0", "agpl-3.0", "mpl-2.0",
+        "unlicense", "openrail", "creativeml-openrail-m", "llama2", "llama3", "llama3.1",
+        "gemma", "other",
+    }
+)
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def card_metadata_errors(meta: dict[str, Any]) -> list[str]:
+    """What the Hub's validate-yaml refuses in a model card's metadata (the fields this
+    project writes): types, license ids, repo ids."""
+    errors = []
+    if "license" in meta:
+        lic = meta["license"]
+        if not isinstance(lic, str):
+            errors.append('"license" must be a string')
+        elif lic not in HUB_LICENSES:
+            errors.append(f'"license" {lic!r} is not a license id the Hub knows')
+        elif lic == "other" and not (meta.get("license_name") and meta.get("license_link")):
+            errors.append('"license: other" needs "license_name" and "license_link"')
+    for key in ("license_link", "license_name", "pipeline_tag", "library_name"):
+        if key in meta and not isinstance(meta[key], str):
+            errors.append(f'"{key}" must be a string')
+    for key in ("tags", "language"):
+        value = meta.get(key)
+        if value is not None and not (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ):
+            errors.append(f'"{key}" must be a list of strings')
+    base = meta.get("base_model")
+    if base is not None:
+        bases = base if isinstance(base, list) else [base]
+        if not all(isinstance(b, str) and _REPO_ID.match(b) for b in bases):
+            errors.append('"base_model" must be a repo id or a list of repo ids')
+    return errors
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -100,6 +149,36 @@ class Commit:
 
 
 @dataclass
+class Fault:
+    """One injected fault: for the next `times` requests matching `method` and the
+    `path` regex, answer `status` (with `headers`), or drop the connection (`drop`), or
+    run `before(hub)` and then handle the request normally."""
+
+    method: str
+    path: str
+    status: int | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    drop: bool = False
+    before: Callable[[FakeHub], None] | None = None
+    times: int = 1
+    hits: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        return self.hits < self.times and method == self.method and re.fullmatch(self.path, path) is not None
+
+
+@dataclass
+class Collection:
+    slug: str
+    title: str
+    namespace: str
+    private: bool
+    description: str | None = None
+    items: list[dict[str, Any]] = field(default_factory=list)
+    serial: int = 0
+
+
+@dataclass
 class Repo:
     repo_id: str
     private: bool
@@ -125,18 +204,24 @@ _STATUS = {
     206: "Partial Content",
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     409: "Conflict",
     412: "Precondition Failed",
     416: "Range Not Satisfiable",
     422: "Unprocessable Entity",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
     501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
 }
 
 
 class FakeHub:
-    """The WSGI app. `url` is set by `serve()`; `requests` logs (method, path, auth?)."""
+    """The WSGI app. `url` is set by the fixture; `requests` logs (method, path) and
+    `responses` (method, path, status), status 0 for a dropped connection."""
 
     def __init__(self, storage_dir: Path, *, token: str | None = None, user: str = "tester"):
         self.storage = Path(storage_dir)
@@ -147,8 +232,12 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []
         # bytes of file content sent by resolve, per (repo, file): what a client downloaded
         self.bytes_served: dict[tuple[str, str], int] = {}
+        self.responses: list[tuple[str, str, int]] = []
+        self.faults: list[Fault] = []
+        self.collections: dict[str, Collection] = {}
         self.url = "http://hub.test"
         self._lock = threading.RLock()
+        self._serial = 0
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -157,19 +246,37 @@ class FakeHub:
         path = unquote(environ.get("PATH_INFO", ""))
         query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
         length = int(environ.get("CONTENT_LENGTH") or 0)
-        body = environ["wsgi.input"].read(length) if length else b""
         with self._lock:
             self.requests.append((method, path))
+            fault = next((f for f in self.faults if f.matches(method, path)), None)
+            if fault is not None:
+                fault.hits += 1
+        if fault is not None and fault.drop:
+            # Read part of the body, then vanish: wsgiref closes the socket without an
+            # answer when the app raises ConnectionResetError (BaseHandler.run).
+            environ["wsgi.input"].read(length // 2)
+            with self._lock:
+                self.responses.append((method, path, 0))
+            raise ConnectionResetError("fault injected: connection dropped")
+        body = environ["wsgi.input"].read(length) if length else b""
+        if fault is not None and fault.before is not None:
+            fault.before(self)
         try:
+            if fault is not None and fault.status is not None:
+                raise HttpError(fault.status, f"fault injected: HTTP {fault.status}")
             status, headers, payload = self._route(method, path, query, body, environ)
         except HttpError as err:
             status = err.status
             headers = [("Content-Type", "application/json"), ("X-Error-Message", err.message)]
             if err.code:
                 headers.append(("X-Error-Code", err.code))
+            if fault is not None and fault.status is not None:
+                headers += list(fault.headers)
             payload = json.dumps(
                 err.body if err.body is not None else {"error": err.message}
             ).encode()
+        with self._lock:
+            self.responses.append((method, path, status))
         if isinstance(payload, FileSlice):
             headers.append(("Content-Length", str(payload.length)))
             start_response(f"{status} {_STATUS.get(status, 'Status')}", headers)
@@ -213,6 +320,7 @@ class FakeHub:
         self, method: str, path: str, query: dict[str, str], body: bytes, env: dict[str, Any]
     ) -> tuple[int, list[tuple[str, str]], Any]:
         repo_re = r"(?P<repo>[\w.-]+/[\w.-]+)"
+        coll_re = r"(?P<slug>[\w.-]+/[\w.-]+-[0-9a-f]{24})"
         routes: list[tuple[str, str, Callable[..., Any], bool]] = [
             ("GET", r"/api/agent-harnesses", self._harnesses, False),
             ("GET", r"/api/whoami-v2", self._whoami, True),
@@ -233,6 +341,22 @@ class FakeHub:
             ("PUT", r"/lfs-upload/(?P<oid>[0-9a-f]{64})", self._lfs_upload, False),
             ("POST", r"/lfs-verify/(?P<oid>[0-9a-f]{64})", self._lfs_verify, True),
             ("GET", rf"/{repo_re}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self._resolve, False),
+            ("POST", r"/api/collections", self._collection_create, True),
+            ("GET", r"/api/collections", self._collection_list, False),
+            ("GET", rf"/api/collections/{coll_re}", self._collection_get, False),
+            ("POST", rf"/api/collections/{coll_re}/items", self._collection_add, True),
+            (
+                "PATCH",
+                rf"/api/collections/{coll_re}/items/(?P<item>[0-9a-f]+)",
+                self._collection_item_update,
+                True,
+            ),
+            (
+                "DELETE",
+                rf"/api/collections/{coll_re}/items/(?P<item>[0-9a-f]+)",
+                self._collection_item_delete,
+                True,
+            ),
             ("HEAD", rf"/{repo_re}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self._resolve, False),
         ]
         for verb, pattern, handler, auth in routes:
@@ -254,20 +378,18 @@ class FakeHub:
     def _validate_yaml(self, body: bytes, **_: Any) -> tuple[int, list, Any]:
         content = json.loads(body)["content"]
         m = re.match(r"^---\n(.*?)\n---\n", content, re.DOTALL)
-        if m:
-            try:
-                meta = yaml.safe_load(m.group(1))
-            except yaml.YAMLError as exc:
-                return 400, [], {"errors": [{"message": f"YAML error: {exc}"}]}
-            if meta is not None and not isinstance(meta, dict):
-                return 400, [], {"errors": [{"message": "metadata must be a mapping"}]}
-            if (
-                isinstance(meta, dict)
-                and "license" in meta
-                and not isinstance(meta["license"], str)
-            ):
-                return 400, [], {"errors": [{"message": '"license" must be a string'}]}
-        return 200, [], {"errors": [], "warnings": []}
+        if not m:
+            return 200, [], {"errors": [], "warnings": [{"message": "empty or missing yaml metadata"}]}
+        try:
+            meta = yaml.safe_load(m.group(1))
+        except yaml.YAMLError as exc:
+            return 400, [], {"errors": [{"message": f"YAML error: {exc}"}]}
+        if meta is None:
+            return 200, [], {"errors": [], "warnings": []}
+        if not isinstance(meta, dict):
+            return 400, [], {"errors": [{"message": "metadata must be a mapping"}]}
+        errors = [{"message": e} for e in card_metadata_errors(meta)]
+        return (400 if errors else 200), [], {"errors": errors, "warnings": []}
 
     def _create_repo(self, body: bytes, **_: Any) -> tuple[int, list, Any]:
         req = json.loads(body)
@@ -504,7 +626,129 @@ class FakeHub:
         source = self._blob_path(entry.lfs_sha256) if entry.lfs_sha256 else (entry.content or b"")
         return status, headers, FileSlice(source, start, end - start + 1, (repo, file))
 
+    # -- collections -------------------------------------------------------------------
+
+    def _oid24(self, text: str) -> str:
+        self._serial += 1
+        return hashlib.sha1(f"{text}\0{self._serial}".encode()).hexdigest()[:24]
+
+    def _collection_json(self, c: Collection) -> dict[str, Any]:
+        items = [{**item, "position": i} for i, item in enumerate(c.items)]
+        return {
+            "slug": c.slug,
+            "title": c.title,
+            "description": c.description,
+            "owner": {"name": c.namespace, "type": "user"},
+            "items": items,
+            "lastUpdated": "2026-01-01T00:00:00.000Z",
+            "position": 0,
+            "private": c.private,
+            "theme": "blue",
+            "upvotes": 0,
+        }
+
+    def _collection(self, slug: str) -> Collection:
+        c = self.collections.get(slug)
+        if c is None:
+            raise HttpError(404, f"Collection {slug} not found", code="CollectionNotFound")
+        return c
+
+    def _collection_create(self, body: bytes, **_: Any) -> tuple[int, list, Any]:
+        req = json.loads(body)
+        namespace, title = req["namespace"], req["title"]
+        for c in self.collections.values():
+            if c.namespace == namespace and c.title == title:
+                # ref: HfApi.create_collection(exists_ok=True) reads the slug of a 409
+                raise HttpError(409, "Collection already exists", body={"slug": c.slug})
+        base = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+        slug = f"{namespace}/{base}-{self._oid24(title)}"
+        c = Collection(slug, title, namespace, bool(req.get("private")), req.get("description"))
+        self.collections[slug] = c
+        return 200, [], self._collection_json(c)
+
+    def _collection_list(self, query: dict[str, str], **_: Any) -> tuple[int, list, Any]:
+        owner = query.get("owner")
+        # The client numbers listed collections itself (Collection(position=...)).
+        found = [
+            {k: v for k, v in self._collection_json(c).items() if k != "position"}
+            for c in self.collections.values()
+            if owner is None or c.namespace == owner
+        ]
+        return 200, [], found
+
+    def _collection_get(self, slug: str, **_: Any) -> tuple[int, list, Any]:
+        return 200, [], self._collection_json(self._collection(slug))
+
+    def _collection_add(self, slug: str, body: bytes, **_: Any) -> tuple[int, list, Any]:
+        c = self._collection(slug)
+        req = json.loads(body)
+        item_id, item_type = req["item"]["id"], req["item"]["type"]
+        if item_type == "model":
+            self._repo(item_id)
+        if any(i["id"] == item_id and i["type"] == item_type for i in c.items):
+            raise HttpError(409, "Item already in the collection")
+        item: dict[str, Any] = {"_id": self._oid24(item_id), "id": item_id, "type": item_type}
+        if req.get("note"):
+            item["note"] = {"text": req["note"], "html": req["note"]}
+        c.items.append(item)
+        return 200, [], self._collection_json(c)
+
+    def _item_index(self, c: Collection, item: str) -> int:
+        for i, it in enumerate(c.items):
+            if it["_id"] == item:
+                return i
+        raise HttpError(404, f"Item {item} not in {c.slug}")
+
+    def _collection_item_update(
+        self, slug: str, item: str, body: bytes, **_: Any
+    ) -> tuple[int, list, Any]:
+        c = self._collection(slug)
+        i = self._item_index(c, item)
+        req = json.loads(body)
+        entry = c.items[i]
+        if "note" in req:
+            entry["note"] = {"text": req["note"], "html": req["note"]}
+        if "position" in req:
+            # The item moves to the new index; the others keep their order.
+            c.items.pop(i)
+            c.items.insert(max(0, min(int(req["position"]), len(c.items))), entry)
+        return 200, [], {"success": True}
+
+    def _collection_item_delete(self, slug: str, item: str, **_: Any) -> tuple[int, list, Any]:
+        c = self._collection(slug)
+        c.items.pop(self._item_index(c, item))
+        return 200, [], {"success": True}
+
     # -- test helpers ------------------------------------------------------------------
+
+    def inject(self, fault: Fault) -> Fault:
+        """Arm a fault (see `Fault`); returns it so a test can read `hits`."""
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def commit_by_hand(self, repo_id: str, files: dict[str, bytes], *, summary: str = "by hand") -> str:
+        """A commit made by someone else (regular files): what a person or another job
+        pushes between a publisher's list and its commit. Returns the new head."""
+        with self._lock:
+            r = self._repo(repo_id)
+            entries = dict(r.files)
+            for path, data in files.items():
+                entries[path] = Entry(len(data), git_blob_sha1(data), content=data)
+            return self._add_commit(r, summary, entries).oid
+
+    def commits(self, repo_id: str) -> list[Commit]:
+        """The branch history, oldest first."""
+        r = self.repos[repo_id]
+        out, oid = [], r.head
+        while oid:
+            out.append(r.commits[oid])
+            oid = r.commits[oid].parent or ""
+        return out[::-1]
+
+    def lfs_puts(self) -> list[str]:
+        """The oids of LFS uploads that arrived in full (status 200)."""
+        return [p.rsplit("/", 1)[-1] for m, p, st in self.responses if m == "PUT" and st == 200]
 
     def lfs_requests(self) -> list[tuple[str, str]]:
         return [(m, p) for m, p in self.requests if "/info/lfs/" in p or p.startswith("/lfs-")]

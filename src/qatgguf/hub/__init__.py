@@ -1,4 +1,5 @@
-"""Model cards and publishing: `render_card(CardData) -> str`, and two publishers behind one
+"""Model cards and publishing: `render_card(CardData) -> str`, the repo manifest that says
+which files the pipeline owns (`qatgguf.hub.manifest`), and two publishers behind one
 protocol, `LocalHubPublisher` (a folder laid out as the Hub repo) and `HubPublisher` (the
 Hub itself). Only `qatgguf.hub.publisher` imports `HfApi`; it loads on first use of
 `HubPublisher`.
@@ -8,35 +9,67 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from qatgguf.hub.base import HubLimits, Publisher, PublishResult, plan_files
+from qatgguf.hub.base import (
+    CollectionRef,
+    HubLimits,
+    Publisher,
+    PublishResult,
+    RetryPolicy,
+    plan_files,
+)
 from qatgguf.hub.card import (
     CardData,
     CardFile,
-    EvalRow,
-    UsageCommand,
+    CardPlot,
+    EvalMethod,
+    EvalTable,
+    RunInfo,
+    Sampling,
     check_card,
-    default_usage,
+    kld_table,
+    mobile_table,
     render_card,
 )
+from qatgguf.hub.facts import ModelFacts, read_model_facts
 from qatgguf.hub.local import LocalHubPublisher
+from qatgguf.hub.manifest import (
+    MANIFEST_PATH,
+    Manifest,
+    ManifestEntry,
+    ReleaseFile,
+    ReleaseUpload,
+)
 
 if TYPE_CHECKING:
     from qatgguf.hub.publisher import HubPublisher
 
 __all__ = [
+    "MANIFEST_PATH",
     "CardData",
     "CardFile",
-    "EvalRow",
+    "CardPlot",
+    "CollectionRef",
+    "EvalMethod",
+    "EvalTable",
     "HubLimits",
     "HubPublisher",
     "LocalHubPublisher",
+    "Manifest",
+    "ManifestEntry",
+    "ModelFacts",
     "PublishResult",
     "Publisher",
-    "UsageCommand",
+    "ReleaseFile",
+    "ReleaseUpload",
+    "RetryPolicy",
+    "RunInfo",
+    "Sampling",
     "check_card",
-    "default_usage",
+    "kld_table",
+    "mobile_table",
     "open_publisher",
     "plan_files",
+    "read_model_facts",
     "render_card",
 ]
 
@@ -49,12 +82,15 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def open_publisher(settings: Any, *, token: str | None = None) -> Publisher:
+def open_publisher(
+    settings: Any, *, token: str | None = None, retry: RetryPolicy | None = None
+) -> Publisher:
     """The publisher a release config asks for.
 
     `settings` is any object with `target` ("local" or "hub"), `local_root` (for local)
     and `endpoint` (for hub, None means huggingface.co), and optionally `private`; the
-    release config's `publish` section is one. Raises PublishError for another target.
+    release config's `publish` section is one. Raises PublishError for another target,
+    or for a token that would travel in clear text (see `HubPublisher`).
     """
     from qatgguf.errors import PublishError
 
@@ -68,5 +104,6 @@ def open_publisher(settings: Any, *, token: str | None = None) -> Publisher:
             endpoint=getattr(settings, "endpoint", None),
             token=token,
             private=bool(getattr(settings, "private", False)),
+            retry=retry,
         )
     raise PublishError(f"publish target {target!r} is not known; use 'local' or 'hub'")

@@ -1,5 +1,9 @@
 """Model card: data (frozen dataclasses), rendering from `model_card.md.j2`, validation.
 
+Every number on the card comes from the data passed in: file sizes from the published
+files, sampling settings, context and KV geometry from the GGUF's metadata (`facts.py`),
+evaluation tables from the release's results. The template only lays them out.
+
 The YAML front matter is written by `huggingface_hub.ModelCardData` (so quoting and key
 order match what the Hub writes itself) and the rendered card is parsed back with
 `huggingface_hub.ModelCard` before it is returned.
@@ -9,6 +13,8 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -21,48 +27,162 @@ from qatgguf.errors import ModelCardError
 TEMPLATE = "model_card.md.j2"
 REQUIRED_TAGS = ("gguf", "llama.cpp")
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+# License ids the Hub takes that are SPDX identifiers (lower case, as the Hub spells
+# them). Any other id ("gemma", "llama3", "other") needs a license_link.
+SPDX_LICENSES = frozenset(
+    {
+        "apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "bsd-3-clause-clear", "isc",
+        "cc0-1.0", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "cc-by-nc-sa-4.0",
+        "cc-by-nd-4.0", "cc-by-nc-nd-4.0", "gpl-2.0", "gpl-3.0", "lgpl-2.1", "lgpl-3.0",
+        "agpl-3.0", "mpl-2.0", "epl-2.0", "unlicense", "artistic-2.0", "zlib", "wtfpl",
+    }
+)
 
 
 @dataclass(frozen=True)
 class CardFile:
-    """One file of the repo as the card lists it. `path` is the path in the repo."""
+    """One file of the repo as the card lists it. `path` is the path in the repo;
+    `release` the release that published it; `note` says why an older file stays."""
 
     path: str
     size: int
     quant: str | None = None
     kind: Literal["model", "mmproj"] = "model"
     sha256: str | None = None
+    release: str | None = None
+    note: str = ""
 
 
 @dataclass(frozen=True)
-class EvalRow:
-    """One row of the evaluation table. None renders as a dash (e.g. the BF16 reference)."""
+class EvalTable:
+    """A table of results, rendered as given: `rows` hold the cells as text (the caller
+    formats the numbers), one per column. `align` is "l" or "r" per column (default:
+    the first left, the rest right)."""
 
-    model: str
-    method: str
-    size: int
-    mean_kld: float | None = None
-    kld_p999: float | None = None
-    top1_pct: float | None = None
-    ppl: float | None = None
-    passed: bool | None = None  # False: measured but failed the gate, so not in the repo
-
-
-@dataclass(frozen=True)
-class UsageCommand:
     title: str
-    command: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    note: str = ""
+    align: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "columns", tuple(self.columns))
+        object.__setattr__(self, "rows", tuple(tuple(str(c) for c in r) for r in self.rows))
+        align = tuple(self.align) or ("l",) + ("r",) * (len(self.columns) - 1)
+        object.__setattr__(self, "align", align)
+        where = f"table {self.title!r}"
+        if not self.columns:
+            raise ModelCardError(f"{where}: no columns")
+        if len(align) != len(self.columns) or set(align) - {"l", "r"}:
+            raise ModelCardError(f"{where}: align needs one 'l' or 'r' per column; got {align}")
+        for i, row in enumerate(self.rows):
+            if len(row) != len(self.columns):
+                raise ModelCardError(
+                    f"{where}: row {i} has {len(row)} cells for {len(self.columns)} columns"
+                )
+            for cell in (*row, *self.columns):
+                if "\n" in cell or "|" in cell:
+                    raise ModelCardError(
+                        f"{where}: cell {cell!r} holds a newline or '|', which breaks the "
+                        "Markdown table; reword it"
+                    )
+
+    @property
+    def separator(self) -> str:
+        return "|" + "|".join("---:" if a == "r" else "---" for a in self.align) + "|"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Recommended sampling settings (from generation_config.json, via the GGUF)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+
+    def flags(self) -> str:
+        """The llama.cpp options that apply them."""
+        parts = []
+        for flag, value in (
+            ("--temp", self.temperature),
+            ("--top-p", self.top_p),
+            ("--top-k", self.top_k),
+            ("--min-p", self.min_p),
+        ):
+            if value is not None:
+                parts.append(f"{flag} {value}")
+        return " ".join(parts)
+
+    def lines(self) -> tuple[str, ...]:
+        names = (("temperature", self.temperature), ("top_p", self.top_p),
+                 ("top_k", self.top_k), ("min_p", self.min_p))
+        return tuple(f"`{n} = {v}`" for n, v in names if v is not None)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What it takes to run the files: the model's maximum context, the context the
+    commands use, the KV cache at each stated context (bytes) and the formula behind it,
+    sampling and whether the chat template has a thinking switch."""
+
+    max_context: int
+    context: int
+    kv_cache: tuple[tuple[int, int], ...]  # (context, bytes)
+    kv_formula: str
+    sampling: Sampling = Sampling()
+    thinking_switch: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kv_cache", tuple(tuple(x) for x in self.kv_cache))
+        if not 0 < self.context <= self.max_context:
+            raise ModelCardError(
+                f"run info: context {self.context} must be in [1, {self.max_context}] "
+                "(the model's maximum context)"
+            )
+        if self.context not in {c for c, _ in self.kv_cache}:
+            raise ModelCardError(
+                f"run info: the KV cache at the commands' context {self.context} is missing"
+            )
+
+
+@dataclass(frozen=True)
+class EvalMethod:
+    """How the evaluation tables were measured, and how to reproduce one row."""
+
+    corpus: str
+    corpus_sha256: str
+    ctx: int
+    n_chunks: int
+    n_tokens: int
+    llama_cpp_commit: str
+    commands: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CardPlot:
+    """An image committed beside the card and embedded with a relative link."""
+
+    path: str
+    alt: str
+    caption: str = ""
+
+    def __post_init__(self) -> None:
+        if "/" in self.path or not re.fullmatch(r"[\w.-]+\.png", self.path):
+            raise ModelCardError(
+                f"plot {self.path!r}: must be a .png file name beside README.md"
+            )
 
 
 @dataclass(frozen=True)
 class CardData:
-    """Everything the model card shows. `usage` empty means: the standard llama.cpp commands."""
+    """Everything the model card shows."""
 
     repo_id: str
     base_model: str
     license: str
     files: tuple[CardFile, ...]
-    eval_rows: tuple[EvalRow, ...] = ()
+    tables: tuple[EvalTable, ...] = ()
     quantized_by: str = "qatgguf"
     pipeline_tag: str = "image-text-to-text"
     tags: tuple[str, ...] = ()
@@ -70,13 +190,19 @@ class CardData:
     license_link: str | None = None
     title: str | None = None
     description: str = ""
-    eval_notes: str = ""
-    usage: tuple[UsageCommand, ...] = ()
+    primary_quant: str | None = None  # the quant the commands use; default: first model file
+    bf16_size: int | None = None  # the BF16 GGUF of the same checkpoint, for the size table
+    run: RunInfo | None = None
+    method: EvalMethod | None = None
+    plot: CardPlot | None = None
+    collection_title: str | None = None
+    collection_url: str | None = None
+    release_id: str | None = None
     extra_metadata: tuple[tuple[str, Any], ...] = field(default=())
 
     def __post_init__(self) -> None:
         # Tuples keep the dataclass hashable and immutable even when built from lists.
-        for name in ("files", "eval_rows", "tags", "language", "usage", "extra_metadata"):
+        for name in ("files", "tables", "tags", "language", "extra_metadata"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         validate_card_data(self)
 
@@ -87,6 +213,17 @@ class CardData:
     @property
     def mmproj_files(self) -> tuple[CardFile, ...]:
         return tuple(f for f in self.files if f.kind == "mmproj")
+
+    @property
+    def primary(self) -> CardFile:
+        """The model file the usage commands use (first file of a split set)."""
+        files = self.model_files
+        if self.primary_quant is not None:
+            files = tuple(f for f in files if f.quant == self.primary_quant) or files
+        for f in files:
+            if hf_quant_matches(f.path, f.quant or ""):
+                return f
+        return files[0]
 
 
 def hf_quant_matches(path: str, quant: str) -> bool:
@@ -115,6 +252,11 @@ def validate_card_data(card: CardData) -> None:
         )
     if not card.license:
         raise ModelCardError(f"{where}: license is empty; use the base model's license id")
+    if card.license not in SPDX_LICENSES and not card.license_link:
+        raise ModelCardError(
+            f"{where}: license {card.license!r} is not an SPDX id, so the card needs "
+            "license_link (the URL of the license text); set publish.license_link"
+        )
     if not card.model_files:
         raise ModelCardError(f"{where}: no model file listed; a card needs at least one GGUF")
     seen: set[str] = set()
@@ -129,6 +271,8 @@ def validate_card_data(card: CardData) -> None:
                 raise ModelCardError(
                     f"{where}: model file {f.path!r} has no quant; set quant (e.g. 'Q4_0')"
                 )
+            if re.search(r"-000(0[2-9]|[1-9]\d)-of-", f.path):
+                continue  # later parts of a split set: -hf loads them from part 00001
             if not hf_quant_matches(f.path, f.quant):
                 raise ModelCardError(
                     f"{where}: model file {f.path!r} would not be found by "
@@ -141,14 +285,22 @@ def validate_card_data(card: CardData) -> None:
                 f"{where}: mmproj file {f.path!r} must have 'mmproj' in its name, or "
                 "llama.cpp will not download it with -hf; name it like 'mmproj-BF16.gguf'"
             )
-    for row in card.eval_rows:
-        for name in ("mean_kld", "kld_p999", "top1_pct", "ppl"):
-            value = getattr(row, name)
-            if value is not None and not math.isfinite(value):
-                raise ModelCardError(
-                    f"{where}: eval row {row.model!r} has {name}={value}; metrics must be "
-                    "finite (use None for not measured)"
-                )
+    if card.bf16_size is not None and card.bf16_size <= 0:
+        raise ModelCardError(f"{where}: bf16_size must be positive, got {card.bf16_size}")
+    if card.run is not None:
+        for ctx, nbytes in card.run.kv_cache:
+            if ctx < 1 or nbytes < 0:
+                raise ModelCardError(f"{where}: KV cache entry ({ctx}, {nbytes}) is not valid")
+    if card.method is not None:
+        m = card.method
+        if not re.fullmatch(r"[0-9a-f]{64}", m.corpus_sha256):
+            raise ModelCardError(
+                f"{where}: corpus sha256 {m.corpus_sha256!r} is not 64 hex digits"
+            )
+        if min(m.ctx, m.n_chunks, m.n_tokens) < 1:
+            raise ModelCardError(f"{where}: evaluation method has an empty context/chunk/token count")
+    if (card.collection_url is None) != (card.collection_title is None):
+        raise ModelCardError(f"{where}: give both collection_title and collection_url, or neither")
 
 
 def human_size(n: int | None) -> str:
@@ -160,37 +312,102 @@ def human_size(n: int | None) -> str:
     return f"{n} B"
 
 
-def _num(value: float | None, digits: int) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
+def human_context(n: int) -> str:
+    """131072 -> 128K, 262144 -> 256K, 8192 -> 8K, 300 -> 300."""
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}%"
+def size_rows(card: CardData) -> list[tuple[str, str, str, str]]:
+    """(quant, size, BF16 size, saved %) per model quant: split sets summed."""
+    sizes: dict[str, int] = {}
+    for f in card.model_files:
+        sizes[f.quant or "?"] = sizes.get(f.quant or "?", 0) + f.size
+    rows = []
+    for quant, size in sizes.items():
+        if card.bf16_size:
+            saved = f"{100.0 * (1.0 - size / card.bf16_size):.2f}%"
+            rows.append((quant, human_size(size), human_size(card.bf16_size), saved))
+        else:
+            rows.append((quant, human_size(size), "—", "—"))
+    return rows
 
 
-def default_usage(card: CardData) -> tuple[UsageCommand, ...]:
-    """llama.cpp commands for the first model file (the `-hf` form and the local form)."""
-    first = card.model_files[0]
-    quant = first.quant
+def memory_rows(card: CardData) -> list[tuple[str, ...]]:
+    """Per model quant: file size + KV cache at each stated context."""
+    if card.run is None:
+        return []
+    sizes: dict[str, int] = {}
+    for f in card.model_files:
+        sizes[f.quant or "?"] = sizes.get(f.quant or "?", 0) + f.size
+    return [
+        (quant, human_size(size), *(human_size(size + kv) for _, kv in card.run.kv_cache))
+        for quant, size in sizes.items()
+    ]
+
+
+@dataclass(frozen=True)
+class UsageBlock:
+    title: str
+    command: str
+
+
+def usage_blocks(card: CardData) -> tuple[UsageBlock, ...]:
+    """The commands of the usage section, computed from the files and run info."""
+    first = card.primary
+    quant = first.quant or ""
+    name = card.repo_id.split("/", 1)[1]
     mmproj = card.mmproj_files[0].path if card.mmproj_files else None
-    local = f"llama-cli -m {first.path}" + (f" --mmproj {mmproj}" if mmproj else "")
-    commands = [
-        UsageCommand("Chat in the terminal", f"llama-cli -hf {card.repo_id}:{quant}"),
-        UsageCommand(
-            "Serve an OpenAI-compatible API on port 8080",
-            f"llama-server -hf {card.repo_id}:{quant} --port 8080",
+    run = card.run
+    settings = ""
+    if run is not None:
+        settings = " ".join(x for x in (run.sampling.flags(), f"--ctx-size {run.context}") if x)
+    cont = " \\\n    "
+
+    def cmd(*parts: str) -> str:
+        return cont.join(p for p in parts if p)
+
+    include = [f'"*{quant}*"']
+    if mmproj:
+        include.append(f'"*{mmproj.removesuffix(".gguf")}*"')
+    blocks = [
+        UsageBlock(
+            "Download the files",
+            cmd(f"hf download {card.repo_id} --include {' '.join(include)}",
+                f"--local-dir {name}"),
         ),
-        UsageCommand("Run downloaded files", local),
+        UsageBlock(
+            "Chat in the terminal (llama.cpp downloads the files itself with `-hf`)",
+            cmd(f"llama-cli -hf {card.repo_id}:{quant}", settings),
+        ),
+        UsageBlock(
+            "Serve an OpenAI-compatible API on port 8080",
+            cmd(f"llama-server -hf {card.repo_id}:{quant}", settings, "--port 8080"),
+        ),
+        UsageBlock(
+            "Run the downloaded files",
+            cmd(f"llama-cli -m {name}/{first.path}",
+                f"--mmproj {name}/{mmproj}" if mmproj else "", settings),
+        ),
     ]
     if mmproj:
-        commands.append(
-            UsageCommand(
-                "Describe an image",
-                f"llama-mtmd-cli -m {first.path} --mmproj {mmproj} --image photo.jpg "
-                '-p "Describe this image."',
+        blocks.append(
+            UsageBlock(
+                "Describe an image (vision through the mmproj)",
+                cmd(f"llama-mtmd-cli -m {name}/{first.path}", f"--mmproj {name}/{mmproj}",
+                    "--image photo.jpg", '-p "Describe this image."', settings),
             )
         )
-    return tuple(commands)
+    return tuple(blocks)
+
+
+def thinking_commands(card: CardData) -> tuple[str, str] | None:
+    """(on, off) llama-server commands, where the chat template has a thinking switch."""
+    if card.run is None or not card.run.thinking_switch:
+        return None
+    base = f"llama-server -hf {card.repo_id}:{card.primary.quant}"
+    on = shlex.quote('{"enable_thinking":true}')
+    off = shlex.quote('{"enable_thinking":false}')
+    return (f"{base} --chat-template-kwargs {on}", f"{base} --chat-template-kwargs {off}")
 
 
 def card_metadata(card: CardData) -> ModelCardData:
@@ -220,8 +437,7 @@ def _environment() -> jinja2.Environment:
         autoescape=False,  # Markdown, not HTML
     )
     env.filters["human_size"] = human_size
-    env.filters["num"] = _num
-    env.filters["pct"] = _pct
+    env.filters["human_context"] = human_context
     return env
 
 
@@ -229,11 +445,6 @@ def render_card(card: CardData, *, template: str = TEMPLATE) -> str:
     """Render README.md for the repo. Raises ModelCardError if the result is not a valid card."""
     meta = card_metadata(card)
     name = card.repo_id.split("/", 1)[1]
-    intro = (
-        f"GGUF files of [{card.base_model}](https://huggingface.co/{card.base_model}) "
-        "for llama.cpp, converted from the QAT checkpoint so the 4-bit weights stay on "
-        "the grid they were trained for."
-    )
     text = (
         _environment()
         .get_template(template)
@@ -241,10 +452,13 @@ def render_card(card: CardData, *, template: str = TEMPLATE) -> str:
             card=card,
             front_matter=meta.to_yaml(),
             title=card.title or name,
-            intro=intro,
             model_files=card.model_files,
             mmproj_files=card.mmproj_files,
-            usage=card.usage or default_usage(card),
+            sizes=size_rows(card),
+            memory=memory_rows(card),
+            usage=usage_blocks(card),
+            thinking=thinking_commands(card),
+            releases=sorted({f.release for f in card.files if f.release}),
         )
     )
     text = re.sub(r"\n{3,}", "\n\n", text)
@@ -267,9 +481,90 @@ def check_card(text: str, *, expect: dict[str, Any] | None = None) -> ModelCard:
         raise ModelCardError(f"README.md: tags lack {missing}; the Hub lists GGUFs by these tags")
     if data.get("base_model_relation") != "quantized":
         raise ModelCardError("README.md: base_model_relation must be 'quantized'")
+    if data["license"] not in SPDX_LICENSES and not data.get("license_link"):
+        raise ModelCardError(
+            f"README.md: license {data['license']!r} is not an SPDX id and has no license_link"
+        )
     if expect is not None and data != expect:
         raise ModelCardError(
             f"README.md: front matter parsed back differs from the card data "
             f"({data!r} != {expect!r}); check the template's front matter block"
         )
     return parsed
+
+
+def _metric(value: float, decimals: int) -> str:
+    """Fixed decimals as the seed's table prints them; values too small to show that way
+    (tiny test models) in scientific notation rather than as zeros."""
+    if value == 0 or abs(value) >= 10 ** (1 - decimals):
+        return f"{value:.{decimals}f}"
+    return f"{value:.2e}"
+
+
+def kld_table(
+    title: str,
+    rows: Sequence[dict[str, Any]],
+    *,
+    note: str = "",
+) -> EvalTable:
+    """The seed-shaped table of naive against aligned files: one row per evaluated file.
+
+    Each row dict holds `model`, `method`, `size` (bytes), `kld_99_9`, `mean_kld`,
+    `same_top_p` (a fraction, as llama-perplexity's "Same top p") and optionally
+    `passed` (False marks a file that failed the gate). Raises ModelCardError on
+    non-finite numbers.
+    """
+    cells = []
+    for r in rows:
+        for key in ("kld_99_9", "mean_kld", "same_top_p"):
+            if not math.isfinite(float(r[key])):
+                raise ModelCardError(
+                    f"table {title!r}: {r['model']} {r['method']} has {key}={r[key]}; "
+                    "metrics must be finite"
+                )
+        method = r["method"] + (" (failed the gate)" if r.get("passed") is False else "")
+        cells.append(
+            (
+                r["model"],
+                method,
+                f"{r['size'] / 1e9:.2f}" if r["size"] >= 1e7 else f"{r['size'] / 1e9:.4f}",
+                _metric(float(r["kld_99_9"]), 4),
+                _metric(float(r["mean_kld"]), 5),
+                f"{100.0 * float(r['same_top_p']):.2f}",
+            )
+        )
+    return EvalTable(
+        title=title,
+        columns=("Model", "Method", "Disk (GB)", "99.9% KLD", "Mean KLD", "Top-1 %"),
+        rows=tuple(cells),
+        note=note,
+        align=("l", "l", "r", "r", "r", "r"),
+    )
+
+
+def mobile_table(columns: Sequence[str], rows: Sequence[dict[str, Any]], *, note: str = "") -> EvalTable:
+    """The mobile-variant table, one column per variant (as the seed shows it): rows are
+    Size, 2-bit (TQ2_0) tensors, Mean KLD vs BF16, Top-1 %, Base PPL, filled from each
+    variant's dict (`size` bytes, `tq2_0_tensors`, `tq2_0_note`, `mean_kld`,
+    `same_top_p` fraction, `ppl_base`)."""
+    if len(columns) != len(rows):
+        raise ModelCardError(
+            f"mobile table: {len(columns)} variant names for {len(rows)} variants"
+        )
+
+    def tq(r: dict[str, Any]) -> str:
+        return f"{r['tq2_0_tensors']}" + (f" ({r['tq2_0_note']})" if r.get("tq2_0_note") else "")
+
+    lines = (
+        ("Size", [human_size(int(r["size"])) for r in rows]),
+        ("2-bit (TQ2_0) tensors", [tq(r) for r in rows]),
+        ("Mean KLD vs BF16", [f"{float(r['mean_kld']):.5f}" for r in rows]),
+        ("Top-1 %", [f"{100.0 * float(r['same_top_p']):.2f}%" for r in rows]),
+        ("Base PPL", [f"{float(r['ppl_base']):.1f}" for r in rows]),
+    )
+    return EvalTable(
+        title="Mobile mixture",
+        columns=("", *columns),
+        rows=tuple((label, *values) for label, values in lines),
+        note=note,
+    )

@@ -1,5 +1,7 @@
 """Publish into a local folder laid out exactly as the Hub repo: `root/<org>/<name>/`
-holds the files at their repo paths and README.md, nothing else.
+holds the files at their repo paths, README.md and the manifest, plus whatever someone put
+there by hand (kept, as on the Hub). Collections are JSON files under
+`root/.collections/<namespace>/`.
 
 A publish builds the complete new folder under a dot-name next to the target, then swaps
 it in with one atomic exchange (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two
@@ -14,16 +16,33 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 from qatgguf.errors import PublishError
-from qatgguf.hub.base import CARD_PATH, HubLimits, PublishResult, plan_files, split_repo_id
+from qatgguf.hub.base import (
+    RESERVED_PATHS,
+    CollectionRef,
+    HubLimits,
+    PublishResult,
+    plan_files,
+    split_repo_id,
+)
 from qatgguf.hub.card import check_card
+from qatgguf.hub.manifest import (
+    MANIFEST_PATH,
+    Manifest,
+    ReleaseUpload,
+    RemoteFile,
+    check_release_paths,
+    plan_repo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +67,25 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _listing_commit(files: dict[str, str]) -> str:
+    """The folder's "commit": a digest of its paths and contents, so an unchanged folder
+    keeps its id."""
+    text = "".join(f"{p}\0{files[p]}\n" for p in sorted(files))
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _slug(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "collection"
+
+
 def _copy_hashing(src: Path, dest: Path) -> str:
     h = hashlib.sha256()
     with open(src, "rb") as fin, open(dest, "xb") as fout:
@@ -60,8 +98,9 @@ def _copy_hashing(src: Path, dest: Path) -> str:
 
 
 class LocalHubPublisher:
-    """`Publisher` into `root/<org>/<name>/`. Idempotent: the same inputs give the same
-    folder and the same commit id (a digest of the paths and contents)."""
+    """`Publisher` into `root/<org>/<name>/`. Idempotent: publishing the same release
+    again changes nothing and returns the same commit id (a digest of paths and
+    contents)."""
 
     def __init__(self, root: str | Path, *, limits: HubLimits | None = None) -> None:
         self.root = Path(root).expanduser().absolute()
@@ -86,28 +125,64 @@ class LocalHubPublisher:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def publish(
-        self,
-        repo_id: str,
-        files: Sequence[Path],
-        card_text: str,
-        *,
-        commit_message: str,
+        self, repo_id: str, upload: ReleaseUpload, *, commit_message: str
     ) -> PublishResult:
-        plan = plan_files(repo_id, files, limits=self.limits)
-        check_card(card_text)
+        """Raises PublishError (limits, names, disk) or ModelCardError (the card)."""
+        plan = plan_files(repo_id, upload.files, limits=self.limits)
+        check_release_paths(upload, RESERVED_PATHS)
         target = self.repo_dir(repo_id)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with self._lock(target):
                 self._clean_leftovers(target)
-                commit, names = self._stage_and_swap(target, plan, card_text)
+                current = self._current(target)
+                previous = None
+                if MANIFEST_PATH in current:
+                    previous = Manifest.from_json(
+                        (target / MANIFEST_PATH).read_bytes(), where=str(target)
+                    )
+                digests = {name: (_hash_file(f.path), f.path.stat().st_size) for name, f in plan.items()}
+                repo_plan, generated = plan_repo(
+                    repo_id, upload, digests=digests, remote=current, previous=previous
+                )
+                check_card(repo_plan.card_text)
+                before = {p: r.sha256 or "" for p, r in current.items()}
+                if not repo_plan.changed:
+                    log.info("%s: %s already holds this release; nothing to do", repo_id, target)
+                    return self._result(repo_id, target, _listing_commit(before), repo_plan,
+                                        committed=False)
+                after = self._stage_and_swap(target, current, repo_plan, plan, generated)
         except OSError as exc:
             raise PublishError(
                 f"{target}: publishing {repo_id} failed: {exc.strerror or exc}; the previous "
                 "publish (if any) is unchanged"
             ) from exc
+        commit = _listing_commit(after)
         log.info("published %s to %s (%s): %s", repo_id, target, commit[:12], commit_message)
-        return PublishResult(repo_id=repo_id, url=target.as_uri(), commit=commit, files=names)
+        return self._result(repo_id, target, commit, repo_plan, committed=True)
+
+    def _result(self, repo_id: str, target: Path, commit: str, plan, *, committed: bool) -> PublishResult:
+        files = tuple(sorted(p for p in self._current(target) if p != MANIFEST_PATH))
+        return PublishResult(
+            repo_id=repo_id,
+            url=target.as_uri(),
+            commit=commit,
+            files=files,
+            committed=committed,
+            written=plan.writes if committed else (),
+            deleted=plan.deletes if committed else (),
+            kept=tuple(e.path for e in plan.kept),
+        )
+
+    def _current(self, target: Path) -> dict[str, RemoteFile]:
+        if not target.is_dir():
+            return {}
+        out = {}
+        for p in sorted(target.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(target).as_posix()
+                out[rel] = RemoteFile(rel, p.stat().st_size, _hash_file(p))
+        return out
 
     def _clean_leftovers(self, target: Path) -> None:
         # A crash can leave a stage or old folder behind; they are never the live one.
@@ -116,20 +191,36 @@ class LocalHubPublisher:
                 shutil.rmtree(stale, ignore_errors=True)
 
     def _stage_and_swap(
-        self, target: Path, plan: dict[str, Path], card_text: str
-    ) -> tuple[str, tuple[str, ...]]:
+        self,
+        target: Path,
+        current: dict[str, RemoteFile],
+        repo_plan,
+        plan: dict,
+        generated: dict[str, bytes],
+    ) -> dict[str, str]:
+        """Build the new folder beside the live one and swap it in; returns {path: sha256}."""
         stage = target.with_name(f".{target.name}.stage-{uuid.uuid4().hex}")
         stage.mkdir()
         try:
-            digests: dict[str, str] = {}
-            for name, src in plan.items():
-                digests[name] = _copy_hashing(src, stage / name)
-            card = card_text.encode()
-            (stage / CARD_PATH).write_bytes(card)
-            digests[CARD_PATH] = hashlib.sha256(card).hexdigest()
-            names = tuple(sorted(digests))
-            manifest = "".join(f"{n}\0{digests[n]}\n" for n in names)
-            commit = hashlib.sha1(manifest.encode()).hexdigest()
+            after: dict[str, str] = {}
+            drop = set(repo_plan.deletes)
+            same = set(repo_plan.unchanged)
+            for rel, r in current.items():
+                if rel in drop or rel in generated or (rel in plan and rel not in same):
+                    continue
+                dest = stage / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(target / rel, dest)  # same disk: no copy of kept files
+                except OSError:
+                    shutil.copy2(target / rel, dest)
+                after[rel] = r.sha256 or ""
+            for name, f in plan.items():
+                if name not in after:
+                    after[name] = _copy_hashing(f.path, stage / name)
+            for name, data in generated.items():
+                (stage / name).write_bytes(data)
+                after[name] = hashlib.sha256(data).hexdigest()
             if target.exists():
                 if _exchange(stage, target):
                     old = stage  # after the exchange the stage name holds the old folder
@@ -147,4 +238,46 @@ class LocalHubPublisher:
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
-        return commit, names
+        return after
+
+    # -- collections -------------------------------------------------------------------
+
+    def _collection_path(self, namespace: str, slug: str) -> Path:
+        return self.root / ".collections" / namespace / f"{slug}.json"
+
+    def ensure_collection(self, title: str, *, namespace: str) -> CollectionRef:
+        split_repo_id(f"{namespace}/x")
+        path = self._collection_path(namespace, _slug(title))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock(path.with_suffix("")):
+            if not path.exists():
+                self._write_collection(path, {"title": title, "items": []})
+            data = json.loads(path.read_text())
+        return CollectionRef(
+            slug=f"{namespace}/{_slug(title)}", title=data["title"], url=path.as_uri(),
+            items=tuple(data["items"]),
+        )
+
+    def add_to_collection(self, collection: CollectionRef, repo_id: str) -> CollectionRef:
+        namespace, slug = collection.slug.split("/", 1)
+        path = self._collection_path(namespace, slug)
+        with self._lock(path.with_suffix("")):
+            data = json.loads(path.read_text())
+            items = list(dict.fromkeys([*data["items"], repo_id]))
+            # Size order: the repo's model GGUFs (mmproj excluded), summed.
+            items.sort(key=self._repo_size)
+            data["items"] = items
+            self._write_collection(path, data)
+        return CollectionRef(collection.slug, data["title"], path.as_uri(), tuple(items))
+
+    def _repo_size(self, repo_id: str) -> float:
+        d = self.repo_dir(repo_id)
+        if not d.is_dir():
+            return float("inf")
+        return float(sum(p.stat().st_size for p in d.glob("*.gguf") if "mmproj" not in p.name))
+
+    @staticmethod
+    def _write_collection(path: Path, data: dict) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
