@@ -341,6 +341,7 @@ def plan_model(ctx: ReleaseContext, model: ModelConfig, recipes: Sequence[str], 
             mm_found = store.put_bytes((mm.to_json() if mm else "null").encode(),
                                        cas_key("plans", mm_key, "mmproj-plan.json"), exclusive=True)
         stats.fetched = reader.bytes_read
+        stats.reused = not missing and reader.bytes_read == 0
         plans: dict[str, ConversionPlan] = {r: _load_plan(store, found[r]) for r in recipes}
         has_mm = store.get_bytes(mm_found.uri) != b"null"
         # what is already stored
