@@ -175,6 +175,10 @@ def _collect(run: ModelRun) -> dict:
     out: dict[str, Any] = {"tasks": tasks, "repo": run.model.repo,
                            "outputs": _outputs(_resolved(run.outputs))}
     if run.plan is not None:
+        # outputs the plan found in the store by their content keys: no task was submitted
+        out["reused"] = {"shards": sorted(run.plan.parts_done), "files": sorted(run.plan.gguf_done),
+                         "mmproj": run.plan.mmproj_done is not None, "evaluations": sorted(run.plan.eval_done)}
+    if run.plan is not None:
         out["source"] = {"uri": run.plan.source.uri, "revision": run.plan.source.revision,
                          "files": {f.name: f.digest for f in run.plan.source.files}}
         out["plans"] = {r: {"key": p.key, "sha256": p.ref.sha256} for r, p in run.plan.plans.items()}
