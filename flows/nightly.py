@@ -14,17 +14,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+from typing import Any
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.release import _slug, load_config, release_context, run_models
-from flows.runtime import ray_task_runner
+from flows.release import _slug, load_config, release, release_context
+from flows.runtime import ensure_prefect_server, ray_task_runner
 from qatgguf import release as core
 
 
-@flow(name="nightly", task_runner=ray_task_runner(), log_prints=True)
+@flow(name="nightly", log_prints=True)
 def nightly(config: str = "tiny-family", models: list[str] | None = None) -> dict:
-    """Release the models of the family whose inputs changed since their last release."""
+    """Release the models of the family whose inputs changed since their last release.
+    The check runs no task and starts no Ray; changed models go through the release flow
+    (a subflow on the Ray cluster)."""
     logger = get_run_logger()
     cfg = load_config(config).resolved(Path.cwd()).select(models=models)
     ctx = release_context(cfg, core.new_release_id(cfg))
@@ -47,9 +53,17 @@ def nightly(config: str = "tiny-family", models: list[str] | None = None) -> dic
                                  description=f"unchanged since release {', '.join(since)}")
         logger.info("unchanged since release %s", ", ".join(since))
         return {"unchanged": True, "since": since, "release_id": None, "models": {}}
-    cfg = cfg.select(models=[m.name for m in changed])
-    core.start_release(ctx, cfg, resume=False)
-    settings = core.EvalSettings(corpus=cfg.eval.corpus, ctx=cfg.eval.ctx, chunks=cfg.eval.chunks,
-                                 threads=cfg.eval.threads, batch=cfg.eval.batch)
-    result = run_models(cfg, ctx, settings, cfg.models, fingerprints=fingerprints)
-    return {**result, "unchanged": False, "changed": [m.name for m in changed]}
+    names = [m.name for m in changed]
+    runner = ray_task_runner(os.environ.get("RAY_ADDRESS") or cfg.ray.address, num_cpus=cfg.ray.num_cpus)
+    result = release.with_options(task_runner=runner)(config=config, models=names, release_id=ctx.release_id)
+    return {**result, "unchanged": False, "changed": names}
+
+
+def run_nightly(config: str, *, models: list[str] | None = None) -> tuple[str, Any]:
+    """Run the nightly flow against the Prefect server found (or started) on this machine;
+    returns (API URL, final flow state). `qatgguf nightly` calls this."""
+    api_url = ensure_prefect_server()
+    os.environ["PREFECT_API_URL"] = api_url
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        state = nightly(config=config, models=models, return_state=True)
+    return api_url, state

@@ -136,7 +136,8 @@ def _submit_model(run: ModelRun, cfg: ReleaseConfig, ctx: core.ReleaseContext, p
         run.gates[r] = run.add(f"gate-{m.name}-{r}",
                                t.gate.submit(ctx, m.name, r, results[r], files[r], cfg.gate_for(m)))
     quant_files = {r: files[r] for r in cfg.recipes_for(m)}
-    run.outputs = {"parts": shards, "files": files, "mmproj": projector, "evaluations": results}
+    run.outputs = {"parts": shards, "files": files, "mmproj": projector, "evaluations": results,
+                   "records": records}
     run.publish = run.add(f"publish-{m.name}", t.publish.submit(ctx, cfg, m, quant_files, run.gates, projector,
                                                                 files[cfg.base_recipe]))
 
@@ -182,6 +183,8 @@ def _collect(run: ModelRun) -> dict:
         out["source"] = {"uri": run.plan.source.uri, "revision": run.plan.source.revision,
                          "files": {f.name: f.digest for f in run.plan.source.files}}
         out["plans"] = {r: {"key": p.key, "sha256": p.ref.sha256} for r, p in run.plan.plans.items()}
+        if run.plan.mmproj is not None:
+            out["plans"]["mmproj"] = {"key": run.plan.mmproj.key, "sha256": run.plan.mmproj.ref.sha256}
     gates = {r: v for r, f in run.gates.items() if (v := _outcome(r, f)[1]) is not None}
     out["gates"] = gates
     published = _outcome("publish", run.publish)[1] if run.publish is not None else None
@@ -242,7 +245,7 @@ def release(
 
 
 def run_models(cfg: ReleaseConfig, ctx: core.ReleaseContext, settings: core.EvalSettings,
-               models: tuple[ModelConfig, ...], *, fingerprints: dict[str, str] | None = None) -> dict:
+               models: tuple[ModelConfig, ...]) -> dict:
     """Submit every model's pipeline, follow the shards' progress, collect, write the
     manifest and artifacts; raise ReleaseFailed naming failed tasks when a model failed."""
     logger = get_run_logger()
@@ -280,9 +283,8 @@ def run_models(cfg: ReleaseConfig, ctx: core.ReleaseContext, settings: core.Eval
 
     summary = {name: _collect(run) for name, run in runs.items()}
     for name, s in summary.items():
-        if fingerprints and name in fingerprints:
-            s["fingerprint"] = fingerprints[name]
-        elif runs[name].plan is not None:
+        if runs[name].plan is not None:
+            # what the nightly compares: the inputs this release actually used
             s["fingerprint"] = core.model_fingerprint(cfg, runs[name].model, runs[name].plan.source)
     manifest = core.write_manifest(ctx, cfg, summary)
     rows = core.release_rows(summary)

@@ -19,6 +19,8 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("eval", "eval"),
     ("lattice", "lattice"),
     ("release", "release"),
+    ("nightly", "nightly"),
+    ("gc", "gc"),
 )
 
 

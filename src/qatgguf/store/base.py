@@ -68,6 +68,7 @@ class ObjectInfo:
     sha256: str | None
     etag: str | None = None
     version_id: str | None = None
+    modified: float | None = None  # seconds since the epoch
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,11 @@ class ArtifactStore(Protocol):
 
     def list(self, prefix: str = "") -> list[str]:
         """Keys (sorted) that start with `prefix`."""
+        ...
+
+    def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
+        """Size and modification time (sha256 where it is free) of every object under
+        `prefix`, sorted by key."""
         ...
 
 

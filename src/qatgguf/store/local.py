@@ -317,7 +317,21 @@ class LocalStore(JsonOverBytes):
             return None
         if not path.is_file():
             return None
-        return ObjectInfo(key=key, size=st.st_size, sha256=self._read_meta(key, st))
+        return ObjectInfo(key=key, size=st.st_size, sha256=self._read_meta(key, st), modified=st.st_mtime)
+
+    def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
+        out = []
+        for key in self.list(prefix):
+            try:
+                st = (self.root / key).stat()
+            except FileNotFoundError:
+                continue
+            out.append(ObjectInfo(key=key, size=st.st_size, sha256=None, modified=st.st_mtime))
+        return out
+
+    def temporary_files(self) -> list[Path]:
+        """Temporary files of writes that never finished (a killed process leaves them)."""
+        return [p for p in self.root.rglob(".*.tmp-*") if p.is_file()] if self.root.is_dir() else []
 
     def read_range(self, key_or_uri: str, start: int, length: int, *, etag: str | None = None) -> bytes:
         key = self._key_of(key_or_uri)

@@ -455,7 +455,8 @@ class S3Store(JsonOverBytes):
         if head is None:
             return None
         return ObjectInfo(key=key, size=int(head["ContentLength"]), sha256=head.get("Metadata", {}).get("sha256"),
-                          etag=str(head.get("ETag", "")).strip('"') or None, version_id=head.get("VersionId"))
+                          etag=str(head.get("ETag", "")).strip('"') or None, version_id=head.get("VersionId"),
+                          modified=head["LastModified"].timestamp() if head.get("LastModified") else None)
 
     def read_range(self, key_or_uri: str, start: int, length: int, *, etag: str | None = None) -> bytes:
         key = self._key_of(key_or_uri)
@@ -528,6 +529,19 @@ class S3Store(JsonOverBytes):
                 "is corrupt or was overwritten while reading; retry"
             )
         return data
+
+    def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
+        validate_prefix(prefix)
+        base = f"{self.prefix}/" if self.prefix else ""
+        out: list[ObjectInfo] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base + prefix):
+                out += [ObjectInfo(key=o["Key"][len(base):], size=int(o["Size"]), sha256=None,
+                                   etag=str(o.get("ETag", "")).strip('"') or None,
+                                   modified=o["LastModified"].timestamp()) for o in page.get("Contents", [])]
+        except (ClientError, BotoCoreError, Boto3Error) as exc:
+            raise self._error(exc, op="list", key=None) from None
+        return sorted(out, key=lambda o: o.key)
 
     def list(self, prefix: str = "") -> list[str]:
         validate_prefix(prefix)
