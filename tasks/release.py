@@ -6,6 +6,7 @@ and results are small values: configs, references, digests, metric dicts and ste
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -14,6 +15,12 @@ from prefect.cache_policies import NO_CACHE
 
 from qatgguf import release as core
 from qatgguf.config import GateConfig, ModelConfig, ReleaseConfig
+
+# The core's INFO lines (tensors, types, grid exactness, bytes, seconds) go to each task's
+# log in the Prefect UI: Prefect attaches its API handler to the `qatgguf` logger
+# (PREFECT_LOGGING_EXTRA_LOGGERS, which the task runner forwards to Ray workers), and the
+# logger must let INFO through.
+logging.getLogger("qatgguf").setLevel(logging.INFO)
 
 # Outputs are content addressed in the artifact store (the steps check it themselves), so
 # Prefect's result cache buys nothing; results are small and recomputed from the store.

@@ -38,6 +38,22 @@ def _run(cmd: list[str], env: dict, cwd: Path) -> tuple[dict, float]:
         raise AssertionError(f"{cmd}: no JSON summary; stderr:\n{p.stderr[-4000:]}") from None
 
 
+def _task_logs(name: str) -> list[str]:
+    """The log messages Prefect holds for the task runs called `name`."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId, TaskRunFilter, TaskRunFilterName
+
+    async def go() -> list[str]:
+        async with get_client() as client:
+            runs = await client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[name])))
+            logs = await client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[r.id for r in runs])))
+            return [log.message for log in logs]
+
+    return asyncio.run(go())
+
+
 def _tasks(result: dict, prefix: str) -> list[dict]:
     return [t for s in result.get("models", {}).values() for t in s["tasks"] if t["task"].startswith(prefix)]
 
@@ -88,6 +104,11 @@ def test_nightly_redoes_only_what_changed(tmp_path, tiny_family, fake_hub, prefe
     commits = len(hub.commits(REPO))
     first_sha = hub.files(REPO)["m-Q4_0.gguf"].lfs_sha256
     figures["full_tasks"] = sum(len(s["tasks"]) for s in full["models"].values())
+
+    # the core's own log lines are in the task's log in Prefect: tensors, types, bytes, seconds
+    logs = _task_logs("quantize-12B-shard-1")
+    assert any("model.language_model." in m and " -> blk." in m and "bytes in" in m for m in logs), logs[:5]
+    assert any("Q4_0" in m for m in logs)
 
     # nothing changed: no task at all, no Hub commit, an artifact says so
     sizes = []

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +24,8 @@ from qatgguf.convert.plan import ConversionPlan, ShardJob, TensorJob
 from qatgguf.convert.safetensors import DTYPES, TensorEntry, nonfinite_rows, read_header, to_f32
 from qatgguf.errors import CheckpointError, NonFiniteError, QuantizationError
 from qatgguf.gguf.writer import pad
+
+log = logging.getLogger(__name__)
 
 PART_MAGIC = b"QGPART01"
 CHUNK_BYTES = 64 * 1024 * 1024  # rows converted at a time; bounds memory for huge tensors
@@ -97,7 +101,7 @@ def _tensor_chunks(job: TensorJob, fd: int | None, entry: TensorEntry | None,
             yield x.astype(np.float16).tobytes()
         else:
             try:
-                q = quant.quantize(x, job.qtype, grid=job.grid, threads=threads)
+                q = quant.quantize(x, job.qtype, grid=job.grid, threads=threads, name=job.gguf_name)
             except QuantizationError as exc:
                 raise type(exc)(f"{file}: tensor {job.hf_name!r} -> {job.gguf_name}: {exc}") from None
             yield np.ascontiguousarray(q).tobytes()
@@ -155,6 +159,7 @@ def convert_shard(plan: ConversionPlan, index: int, out_part: Path, *, shard: Pa
                 offset = fh.tell()
                 h = hashlib.sha256()
                 n = 0
+                t0 = time.monotonic()
                 for chunk in _tensor_chunks(job, fd, e, str(src_path), threads):
                     h.update(chunk)
                     fh.write(chunk)
@@ -163,6 +168,9 @@ def convert_shard(plan: ConversionPlan, index: int, out_part: Path, *, shard: Pa
                     raise QuantizationError(f"tensor {job.gguf_name}: produced {n} bytes, the plan "
                                             f"expects {job.nbytes} for {job.qtype}{list(job.shape)}")
                 fh.write(b"\0" * (pad(n) - n))
+                log.info("%s -> %s %s%s %s: %d bytes in %.3f s", job.hf_name or "(generated)", job.gguf_name,
+                         job.qtype, f" (grid {job.grid})" if job.grid else "", list(job.shape), n,
+                         time.monotonic() - t0)
                 manifest.append({"name": job.gguf_name, "shape": list(job.shape), "type": job.qtype,
                                  "offset": offset, "nbytes": n, "sha256": h.hexdigest()})
             body = json.dumps({"version": 1, "shard": index, "tensors": manifest}).encode()

@@ -6,6 +6,7 @@ Input checks, shapes and row chunking happen here once; the kernels in the famil
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,8 @@ FALLBACK_TYPES: dict[str, str] = {
 GRIDS = ("qat",)
 
 _Item = TypeVar("_Item")
+
+log = logging.getLogger(__name__)
 
 
 def default_threads() -> int:
@@ -225,6 +228,9 @@ def quantize(
 
     _each(on_grid, chunks, threads)
     enc.finish(flat_out)
+    st = enc.stats
+    log.info("%s: %s on the %s grid: %d of %d blocks exact (%.2f%%), %d with an exact scale", name or "tensor",
+             t.name, grid, st.on_grid, st.blocks, 100 * st.fraction, st.exact_scale)
     return out
 
 
