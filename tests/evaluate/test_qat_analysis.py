@@ -26,6 +26,7 @@ from qatgguf.evaluate.tables import (
     MethodResult,
     MobileResult,
     comparison_rows,
+    fixed,
     markdown,
     mobile_rows,
     tensor_types,
@@ -209,7 +210,27 @@ def test_analysis_tables(family_files) -> None:
                                    MethodResult("Q4_0", 17_650_000_000, fake)])
     assert [tuple(r) for r in rows] == [COMPARISON_COLUMNS] * 2
     assert rows[0]["Disk"] == "2.44 MB" and rows[1]["Disk"] == "17.65 GB" and rows[0]["Top-1 %"] == "50.00"
+    assert fixed(0.05109, 5) == "0.05109" and fixed(2.64e-5, 5) == "0.0000264" and fixed(0.0, 4) == "0.0000"
     table = markdown(mobile_rows({"E2B mobile": MobileResult(3_740_000, 16, fake)}))
     assert table.splitlines()[0] == "|  | E2B mobile |"
     assert "| 2-bit (TQ2_0) tensors | 16 |" in table and "| Base PPL | 0.5 |" in table
     assert tensor_types([_file(m, "UD-Q4_K_XL")])["Q4_0"] > 0
+
+
+def test_lattice_command_reports_grids_and_exactness(family_files, capsys) -> None:
+    import json
+
+    from qatgguf.cli import main
+
+    m = family_files("E2B-mobile")
+    ud, naive = _file(m, "UD-Q2_K_XL"), _file(m, "llama-quantize")
+    assert main(["lattice", str(m.ckpt), "--gguf", str(ud), "--gguf", str(naive), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    grids = [r["grid"] for r in out["tensors"] if r["tensor"].startswith("model.language_model.")]
+    assert grids.count("TQ2_0") == 16 and grids.count("Q8_0") == 20 and grids.count("Q4_0") > 40
+    two_bit = next(r for r in out["tensors"] if r["tensor"].endswith("embed_tokens.weight"))
+    assert "negative scale in" in two_bit["signature"]["recipe"]
+    assert out["gguf"][0]["fraction"] == 1.0 and out["gguf"][1]["fraction"] < 0.5
+    assert main(["lattice", str(m.ckpt), "--gguf", str(ud)]) == 0
+    text = capsys.readouterr().out
+    assert f"block exactness of {ud}: " in text and "(100.00%)" in text and "tensors on a grid:" in text

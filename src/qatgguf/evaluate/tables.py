@@ -10,6 +10,7 @@ either table.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,14 @@ def disk_size(nbytes: int) -> str:
     return f"{nbytes / 1e6:.2f} MB"
 
 
+def fixed(value: float, decimals: int) -> str:
+    """`value` with at least `decimals` decimals and at least 3 significant digits: the
+    tiny family's KLDs sit far below the real models', where 5 decimals show nothing."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:.{decimals}f}"
+    return f"{value:.{max(decimals, 2 - math.floor(math.log10(abs(value))))}f}"
+
+
 def comparison_rows(model: str, methods: Sequence[MethodResult]) -> list[dict[str, str]]:
     """Rows of the naive-against-aligned table for one model, in the order given (the
     aligned file first, then the naive ones)."""
@@ -55,8 +64,8 @@ def comparison_rows(model: str, methods: Sequence[MethodResult]) -> list[dict[st
             "Model": model,
             "Method": m.method,
             "Disk": disk_size(m.disk_bytes),
-            "99.9% KLD": f"{m.result.kld_99_9:.4f}",
-            "Mean KLD": f"{m.result.mean_kld:.5f}",
+            "99.9% KLD": fixed(m.result.kld_99_9, 4),
+            "Mean KLD": fixed(m.result.mean_kld, 5),
             "Top-1 %": f"{100 * m.result.same_top_p:.2f}",
         }
         for m in methods
@@ -68,7 +77,7 @@ def mobile_rows(columns: Mapping[str, MobileResult]) -> list[dict[str, str]]:
     labels = (
         ("Size", lambda r: disk_size(r.disk_bytes)),
         ("2-bit (TQ2_0) tensors", lambda r: str(r.tq2_tensors)),
-        ("Mean KLD vs BF16", lambda r: f"{r.result.mean_kld:.5f}"),
+        ("Mean KLD vs BF16", lambda r: fixed(r.result.mean_kld, 5)),
         ("Top-1 %", lambda r: f"{100 * r.result.same_top_p:.2f}%"),
         ("Base PPL", lambda r: f"{r.result.ppl_base:.1f}"),
     )
