@@ -17,7 +17,8 @@ def _cache_root() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_family() -> dict[str, Path]:
-    """{model name: checkpoint dir} for the five tiny Gemma 4 QAT sizes."""
+    """{model name: checkpoint dir} for the tiny Gemma 4 QAT family: the five sizes and
+    the mobile mixtures E2B-mobile and E4B-mobile."""
     from qatgguf.fixtures import build_family
 
     return build_family(_cache_root() / "fixtures")

@@ -204,10 +204,14 @@ def part_key(plan, index: int) -> str:
     """The content key of shard `index`'s part under `plan`: the source shard's digest, the
     plan's entries for it, the recipe and the versions of the kernels it uses."""
     sj = plan.shards[index]
+    kernels = [(t.qtype, t.grid) for t in sj.tensors if t.grid != "auto"]
+    # a grid: auto tensor may be written by any of its candidates' grid encoders, or as
+    # the recipe's type when it is on no grid
+    kernels += [(c, "qat") for t in sj.tensors if t.grid == "auto" for c in t.candidates]
+    kernels += [(t.qtype, None) for t in sj.tensors if t.grid == "auto"]
     return content_key("part", shard=sj.file, shard_digest=sj.digest,
                        jobs=[asdict(t) for t in sj.tensors], recipe=recipe_digest(plan.recipe),
-                       kernels=kernel_versions((t.qtype, t.grid) for t in sj.tensors),
-                       converter=CONVERTER_VERSION)
+                       kernels=kernel_versions(kernels), converter=CONVERTER_VERSION)
 
 
 def quantize_shard(ctx: ReleaseContext, model: str, plans: dict[str, PlanRef], index: int) -> ShardResult:

@@ -11,7 +11,7 @@ import pytest
 
 from qatgguf.convert import convert, plan_conversion
 
-FAMILY = ["E2B", "E4B", "12B", "26B-A4B", "31B"]
+FAMILY = ["E2B", "E4B", "12B", "26B-A4B", "31B", "E2B-mobile", "E4B-mobile"]
 
 
 def _reference(ckpt, ids):

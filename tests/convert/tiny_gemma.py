@@ -155,14 +155,32 @@ def build_sp_tokenizer(out: Path, vocab_size: int = 1024) -> Path:
     return out
 
 
-def build_gemma3(out: Path, tokenizer_dir: Path, *, seed: int = 0, shard: str = "150KB") -> Path:
+def save_like_transformers5(tokenizer_dir: Path, out: Path) -> Path:
+    """The tokenizer as transformers 5's `save_pretrained` writes it: tokenizer.json and
+    tokenizer_config.json, no sentencepiece tokenizer.model."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out)
+    cfg = out / "tokenizer_config.json"
+    data = json.loads(cfg.read_text(encoding="utf-8"))
+    data.pop("vocab_file", None)  # a path into the folder it was loaded from
+    cfg.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    if (out / "tokenizer.model").exists():
+        raise RuntimeError("transformers wrote tokenizer.model; this is not the transformers 5 layout")
+    return out
+
+
+def build_gemma3(out: Path, tokenizer_dir: Path, *, seed: int = 0, shard: str = "150KB",
+                 vocab_size: int = 1024) -> Path:
     import shutil
 
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     # llama.cpp fixes Gemma 3's layer pattern at 5 sliding + 1 full: six layers show both kinds
-    cfg = Gemma3TextConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+    cfg = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=32,
                            layer_types=["sliding_attention"] * 5 + ["full_attention"], query_pre_attn_scalar=32,
                            max_position_embeddings=4096, initializer_range=0.02, pad_token_id=0, eos_token_id=1,

@@ -55,3 +55,14 @@ def qat2(
     k = rng.integers(codes[0], codes[1] + 1, (nblocks, 256))
     w = round_bf16((s[:, None] * k).astype(np.float32))
     return w, k, s
+
+
+def qat8(nblocks: int, rounding: str, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """8-bit grid per block of 32 with a learned-looking scale: the block maximum lands
+    anywhere in [90, 127] (clipped at 127), k in [-127, 127], s > 0."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((nblocks, 32)) * np.exp(rng.normal(np.log(0.03), 0.5, (nblocks, 1)))
+    s = round_scale(np.abs(z).max(axis=1) / rng.uniform(90, 140, nblocks), rounding)
+    k = np.clip(np.rint(z / s[:, None]), -127, 127).astype(np.int64)
+    w = round_bf16((s[:, None] * k).astype(np.float32))
+    return w, k, s

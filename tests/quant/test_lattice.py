@@ -8,10 +8,16 @@ from gguf import GGMLQuantizationType as T
 
 from qatgguf.errors import QuantizationError
 from qatgguf.quant import dequantize, quantize
-from qatgguf.quant.lattice import recipe_signature, scan_grid
+from qatgguf.quant.lattice import (
+    block_exactness,
+    detect_grid,
+    grid_signature,
+    recipe_signature,
+    scan_grid,
+)
 
 from .ggml_ref import ggml_dequantize, ggml_quantize
-from .qat_synth import qat2, qat4, round_bf16
+from .qat_synth import qat2, qat4, qat8, round_bf16
 
 NBLOCKS = 16384
 
@@ -76,7 +82,7 @@ def test_recipe_signatures_tell_recipes_apart() -> None:
     assert recipe_signature(scan_grid(w, T.Q4_0))["scale_rounding"] == "f16"
 
 
-@pytest.mark.parametrize("t", [T.Q4_0, T.TQ2_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [T.Q4_0, T.TQ2_0, T.Q8_0], ids=lambda t: t.name)
 def test_plain_weights_never_claim_a_grid(t: T) -> None:
     rng = np.random.default_rng(11)
     w = round_bf16(rng.standard_normal((256, 1024)).astype(np.float32) * 0.02)
@@ -128,7 +134,7 @@ def test_tq2_0_grid_is_exact(codes: tuple[int, int], rounding: str) -> None:
 
 
 def test_grid_rejects_other_types() -> None:
-    with pytest.raises(QuantizationError, match="grid='qat' supports Q4_0, TQ2_0; got Q4_K"):
+    with pytest.raises(QuantizationError, match="grid='qat' supports TQ2_0, Q4_0, Q8_0; got Q4_K"):
         quantize(np.zeros((1, 256), np.float32), T.Q4_K, grid="qat", name="blk.0.ffn_up.weight")
     with pytest.raises(QuantizationError, match="unknown grid"):
         quantize(np.zeros((1, 256), np.float32), T.Q4_0, grid="lattice")
@@ -146,3 +152,99 @@ def test_grid_threads_do_not_change_bytes(rounding: str, monkeypatch: pytest.Mon
     w2, _, _ = qat2(NBLOCKS // 8, (-2, 1), rounding, seed=8)
     x2 = w2.reshape(64, -1)
     assert np.array_equal(quantize(x2, T.TQ2_0, grid="qat", threads=3), quantize(x2, T.TQ2_0, grid="qat"))
+
+
+@pytest.mark.parametrize("rounding", ["f16", "bf16"])
+def test_q8_0_grid_recovers_codes_and_weights(rounding: str) -> None:
+    w, k, s = qat8(NBLOCKS, rounding, seed=12)
+    q = quantize(w.reshape(64, -1), T.Q8_0, grid="qat").reshape(NBLOCKS, 34)
+    deq = dequantize(q, T.Q8_0)
+    assert np.array_equal(deq, ggml_dequantize(q, T.Q8_0))  # llama.cpp reads the same values
+    assert np.array_equal(round_bf16(deq), w)  # every block gives back the checkpoint
+    if rounding == "bf16":  # the QAT scale and codes themselves
+        d = q[:, :2].copy().view(np.float16)[:, 0].astype(np.float32)
+        assert np.array_equal(d, s) and np.array_equal(q[:, 2:].view(np.int8), k)
+    exact, total = block_exactness(w.reshape(64, -1), q.reshape(64, -1), T.Q8_0)
+    assert (exact, total) == (NBLOCKS, NBLOCKS)
+    # ggml's reference recomputes d = amax/127 and loses most blocks of a learned grid
+    naive, _ = block_exactness(w.reshape(64, -1), ggml_quantize(w.reshape(64, -1), T.Q8_0), T.Q8_0)
+    assert naive < 0.2 * NBLOCKS, naive
+
+
+def test_q8_0_grid_falls_back_per_block() -> None:
+    w, k, _ = qat8(1024, "bf16", seed=13)
+    rng = np.random.default_rng(14)
+    bad = rng.random(1024) < 0.25
+    w[bad] = round_bf16(rng.standard_normal((int(bad.sum()), 32)).astype(np.float32) * 0.05)
+    bad[5] = False
+    w[5] = 0.0  # an all-zero block: no grid to find, the reference encoding (all zeros)
+    good = ~bad
+    good[5] = False
+    q = quantize(w, T.Q8_0, grid="qat")
+    ref = ggml_quantize(w, T.Q8_0)
+    assert np.array_equal(q[bad], ref[bad]) and np.array_equal(q[5], ref[5])
+    assert np.array_equal(q[good][:, 2:].view(np.int8), k[good].astype(np.int8))
+    assert scan_grid(w, T.Q8_0).fraction == pytest.approx(float(good.sum()) / 1024)
+
+
+def test_detection_takes_the_coarsest_grid() -> None:
+    w2, _, _ = qat2(256, (-2, 1), "bf16", seed=15)
+    w4, _, _ = qat4(2048, "uniform", "bf16", seed=16)
+    w8, _, _ = qat8(2048, "bf16", seed=17)
+    plain = round_bf16(np.random.default_rng(18).standard_normal((64, 256)).astype(np.float32) * 0.02)
+    # a 2-bit grid is also a 4-bit and an 8-bit grid; a 4-bit grid also an 8-bit one
+    found = detect_grid(w2.reshape(64, -1))
+    assert found.qtype == "TQ2_0" and found.shares == {"TQ2_0": 1.0}
+    assert detect_grid(w2.reshape(64, -1), candidates=("Q4_0", "Q8_0")).qtype == "Q4_0"
+    found = detect_grid(w4.reshape(64, -1))
+    assert found.qtype == "Q4_0" and found.shares["TQ2_0"] == 0.0
+    found = detect_grid(w8.reshape(64, -1))
+    assert found.qtype == "Q8_0" and found.shares == {"TQ2_0": 0.0, "Q4_0": 0.0, "Q8_0": 1.0}
+    assert detect_grid(plain).qtype is None
+    # TQ2_0 needs rows of 256: a row of 96 is only scanned for the 32-blocks
+    assert detect_grid(w4[:1536].reshape(-1, 96)).shares.keys() == {"Q4_0"}
+    with pytest.raises(QuantizationError, match="got Q6_K"):
+        detect_grid(w4, candidates=("Q6_K",))
+
+
+def test_tq2_0_signature_counts_negative_scales() -> None:
+    w, _, _ = qat2(512, (-2, 1), "bf16", seed=19)
+    w_pos, _, _ = qat2(512, (-1, 2), "bf16", seed=20)
+    mixed = np.concatenate([w, w_pos])
+    sig = grid_signature(scan_grid(mixed, T.TQ2_0), T.TQ2_0)
+    assert "negative scale in 50.0% of blocks" in str(sig["recipe"]) and sig["scale_rounding"] == "bf16"
+    q = quantize(mixed, T.TQ2_0, grid="qat")
+    d = q[:, 64:66].copy().view(np.float16)[:, 0]
+    assert np.all(d[:512] < 0) and np.all(d[512:] > 0)
+    sig8 = grid_signature(scan_grid(qat8(512, "bf16", seed=21)[0], T.Q8_0), "Q8_0")
+    assert "8-bit grid" in str(sig8["recipe"])
+
+
+def test_learned_scales_have_their_own_signature() -> None:
+    """LSQ-style scales leave the block maximum on many codes; max-derived rules do not."""
+    rng = np.random.default_rng(22)
+    z = rng.standard_normal((4096, 32)) * 0.02
+    s = round_bf16((np.abs(z).max(axis=1) / rng.uniform(5.0, 8.0, 4096)).astype(np.float32))
+    w = round_bf16((s[:, None] * np.clip(np.rint(z / s[:, None]), -8, 7)).astype(np.float32))
+    sig = recipe_signature(scan_grid(w, T.Q4_0))
+    assert "learned per-block scale" in str(sig["recipe"]), sig
+
+
+def test_block_exactness_counts_blocks_of_32() -> None:
+    w, _, _ = qat2(64, (-2, 1), "bf16", seed=23)
+    aligned = quantize(w, T.TQ2_0, grid="qat")
+    assert block_exactness(w, aligned, T.TQ2_0) == (64 * 8, 64 * 8)
+    naive = ggml_quantize(w, T.TQ2_0)
+    exact, total = block_exactness(w, naive, T.TQ2_0)
+    assert total == 512 and exact < 512
+    with pytest.raises(QuantizationError, match="decoded 16384 values"):
+        block_exactness(w[:32], aligned, T.TQ2_0)
+
+
+def test_q8_0_grid_threads_do_not_change_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qatgguf.quant import api
+
+    monkeypatch.setattr(api, "CHUNK_ELEMENTS", 2048)
+    w, _, _ = qat8(4096, "bf16", seed=24)
+    x = w.reshape(64, -1)
+    assert np.array_equal(quantize(x, T.Q8_0, grid="qat", threads=3), quantize(x, T.Q8_0, grid="qat"))

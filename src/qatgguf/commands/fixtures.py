@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         dest="models",
         action="append",
         choices=list(FAMILY),
-        help="build only this model (repeatable); default: all five",
+        help="build only this model (repeatable); default: all (five sizes, two mobile mixtures)",
     )
     build.set_defaults(run=run_build)
 
@@ -30,12 +30,12 @@ def run_build(args: argparse.Namespace) -> int:
     from qatgguf.fixtures import build_family, read_fixture_info
 
     paths = build_family(args.out, models=args.models)
-    header = f"{'model':<9} {'params':>10} {'tensors':>7} {'shards':>6} {'vocab':>6} {'held-out PPL':>12} {'build s':>8}  path"
+    header = f"{'model':<10} {'params':>10} {'tensors':>7} {'shards':>6} {'vocab':>6} {'held-out PPL':>12} {'build s':>8}  path"
     print(header)
     for name, path in paths.items():
         info = read_fixture_info(path)
         print(
-            f"{name:<9} {info.params:>10,} {info.tensors:>7} {info.shards:>6} {info.vocab_size:>6} "
+            f"{name:<10} {info.params:>10,} {info.tensors:>7} {info.shards:>6} {info.vocab_size:>6} "
             f"{info.heldout_ppl:>12.2f} {info.build_seconds:>8.1f}  {path}"
         )
     return 0

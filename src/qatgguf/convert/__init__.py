@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from qatgguf.convert.assemble import assemble
+from qatgguf.convert.exactness import GGUFExactness, gguf_exactness
 from qatgguf.convert.plan import ConversionPlan, MmprojTensor, ShardJob, TensorJob, plan_conversion
 from qatgguf.convert.shard import PartInfo, convert_shard, read_manifest, write_direct
 from qatgguf.recipes import Recipe
 
-__all__ = ["ConversionPlan", "MmprojTensor", "PartInfo", "ShardJob", "TensorJob", "assemble",
-           "convert", "convert_shard", "plan_conversion", "read_manifest"]
+__all__ = ["ConversionPlan", "GGUFExactness", "MmprojTensor", "PartInfo", "ShardJob", "TensorJob",
+           "assemble", "convert", "convert_shard", "gguf_exactness", "plan_conversion", "read_manifest"]
 
 
 def convert(src: Path | str, out: Path | str, *, recipe: Recipe | str, split_max_size: int | None = None,

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from gguf import GGMLQuantizationType
+
 from qatgguf.convert.plan import ConversionPlan
 from qatgguf.convert.shard import read_manifest
 from qatgguf.errors import GGUFWriteError
@@ -19,19 +21,32 @@ COPY_CHUNK = 16 * 1024 * 1024
 def assemble(plan: ConversionPlan, parts: Sequence[Path], out: Path, *,
              split_max_size: int | None = None) -> list[Path]:
     """Write the GGUF file(s) of `plan` from its part files. With `split_max_size` the output
-    is split as gguf-split does (`<stem>-00001-of-0000N.gguf`, `split.*` keys). Returns the
-    written paths. Raises `GGUFWriteError` for a missing tensor or a digest mismatch."""
+    is split as gguf-split does (`<stem>-00001-of-0000N.gguf`, `split.*` keys). Each
+    tensor's type and size come from the part manifests, checked against what the plan
+    allows (a `grid: auto` tensor: one of its candidates or the recipe's type). Returns the
+    written paths. Raises `GGUFWriteError` for a missing tensor, a type or size the plan
+    does not allow, or a digest mismatch."""
     out = Path(out)
     where: dict[str, tuple[Path, dict]] = {}
     for p in parts:
         for t in read_manifest(Path(p))["tensors"]:
             where[t["name"]] = (Path(p), t)
-    infos = plan.tensor_infos()
+    jobs = plan.tensors
+    for name in plan.order:
+        if name not in where:
+            raise GGUFWriteError(f"no part holds tensor {name!r}; convert every shard job first")
+    # a grid: auto tensor's type is the one its shard task detected; the plan says which
+    # types it may take and what each one's size is
+    types = {name: where[name][1]["type"] for name in plan.auto_tensors}
+    for name, qtype in types.items():
+        if qtype not in jobs[name].allowed:
+            raise GGUFWriteError(f"part entry of {name!r} has type {qtype}, which the plan does not allow "
+                                 f"({', '.join(jobs[name].allowed)}): convert the shard again with this plan")
+    infos = plan.tensor_infos(types)
     for ti in infos:
-        if ti.name not in where:
-            raise GGUFWriteError(f"no part holds tensor {ti.name!r}; convert every shard job first")
         _, t = where[ti.name]
-        if t["nbytes"] != ti.nbytes or t["type"] != plan.tensors[ti.name].qtype or tuple(t["shape"]) != ti.shape:
+        if (t["nbytes"] != ti.nbytes or int(GGMLQuantizationType[t["type"]]) != ti.qtype
+                or tuple(t["shape"]) != ti.shape):
             raise GGUFWriteError(f"part entry of {ti.name!r} ({t['type']}{t['shape']}, {t['nbytes']} B) "
                                  "disagrees with the plan: convert the shard again")
     groups = split_tensors(infos, split_max_size)

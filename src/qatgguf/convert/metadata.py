@@ -347,20 +347,143 @@ def sentencepiece_vocab(src: Path, vocab_size: int | None) -> tuple[list[bytes],
     return tokens, scores, types
 
 
+# ref: conversion/base.py TextModel.get_vocab_base_pre: the text whose token ids identify
+# a BPE pre-tokenizer (their sha256 is looked up in bpe_pre.json)
+_CHKTXT = (
+    '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple '
+    'emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 '
+    '33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ '
+    '------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? '
+    "I've been 'told he's there, 'RE you sure? 'M not sure I'll make "
+    "it, 'D you like some tea? We'Ve a'lL"
+)
+# The pre-tokenizer llama.cpp gives a SentencePiece-style BPE (spaces normalised to "▁",
+# BPE over the whole text): escape whitespace, split on newlines only
+# (ref: src/llama-vocab.cpp LLAMA_VOCAB_PRE_TYPE_GEMMA4).
+SPM_BPE_PRE = "gemma4"
+
+
+def _known_pre_hashes() -> dict[str, str]:
+    from importlib import resources
+
+    data = json.loads(resources.files("qatgguf.convert").joinpath("bpe_pre.json").read_text(encoding="utf-8"))
+    return dict(data["hashes"])
+
+
+def _is_spm_style_bpe(tokenizer_json: dict[str, Any]) -> bool:
+    """A BPE whose normalizer turns spaces into "▁" and whose pre-tokenizer, if any, splits
+    on spaces (nothing left to split after the normalizer) or on newlines: the pipeline
+    transformers' GemmaTokenizer writes."""
+    model = tokenizer_json.get("model") or {}
+    norm = tokenizer_json.get("normalizer") or {}
+    steps = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    replaces_space = any(st.get("type") == "Replace" and (st.get("pattern") or {}).get("String") == " "
+                         and st.get("content") == "\u2581" for st in steps)
+    pre = tokenizer_json.get("pre_tokenizer")
+    pres = (pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre]) if pre else []
+    harmless = all(p.get("type") == "Split" and (p.get("pattern") or {}).get("String") == " " for p in pres)
+    return model.get("type") == "BPE" and replaces_space and harmless
+
+
+def bpe_pre_tokenizer(tokenizer: Any, src: Path) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for a BPE tokenizer.json: the name llama.cpp's
+    converter looks up by the sha256 of the ids of a fixed text (ref: conversion/base.py
+    get_vocab_base_pre; the table in bpe_pre.json). A hash llama.cpp does not know, which
+    its converter refuses, is accepted for Gemma's SentencePiece-style BPE: that pipeline
+    is llama.cpp's "gemma4" pre-tokenizer, the name its table registers for such
+    tokenizers (DFM-Mimir).
+
+    Raises CheckpointError for an unknown hash of any other pipeline."""
+    from hashlib import sha256
+
+    chkhsh = sha256(str(tokenizer.encode(_CHKTXT)).encode()).hexdigest()
+    known = _known_pre_hashes().get(chkhsh)
+    if known is not None:
+        return known
+    tj = src / "tokenizer.json"
+    if _is_spm_style_bpe(json.loads(tj.read_text(encoding="utf-8"))):
+        return SPM_BPE_PRE
+    raise CheckpointError(
+        f"BPE pre-tokenizer not recognized (chkhsh {chkhsh}): llama.cpp knows no tokenizer with "
+        "these ids for its check text and this pipeline is not SentencePiece-style BPE; add "
+        "tokenizer.model, or register the tokenizer in llama.cpp's convert_hf_to_gguf_update.py",
+        file=str(tj))
+
+
+def bpe_vocab(src: Path, vocab_size: int | None) -> tuple[list[str], list[int], str]:
+    """Tokens, token types and pre-tokenizer name of a BPE tokenizer.json, as llama.cpp's
+    converter reads them (ref: conversion/base.py TextModel.get_vocab_base): ids the
+    tokenizer lacks up to the model's vocab size become "[PAD<i>]" (unused); added tokens
+    that are special or look special are control tokens, the other added tokens
+    user-defined with "▁" written as a space.
+
+    Raises CheckpointError when the tokenizer cannot be read or has ids beyond the model's
+    vocab size."""
+    from transformers import AutoTokenizer
+
+    tj = src / "tokenizer.json"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
+        raise CheckpointError(f"transformers cannot read the tokenizer: {exc}", file=str(tj)) from None
+    vocab: dict[str, int] = tokenizer.vocab
+    n = vocab_size if vocab_size is not None else len(vocab)
+    top = max(vocab.values())
+    if top >= n:
+        raise CheckpointError(f"token id {top} is not below the model's vocab_size {n}; the tokenizer "
+                              "does not belong to this model: fix vocab_size in config.json", file=str(tj))
+    pre = bpe_pre_tokenizer(tokenizer, src)
+    reverse = {i: t for t, i in vocab.items()}
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(n):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(int(gguf.TokenType.UNUSED))
+            continue
+        token = reverse[i]
+        if token in added:
+            # llama.cpp expects control and user-defined tokens pre-normalized
+            if not decoder[i].normalized:
+                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+            if decoder[i].special or _looks_special(token):
+                types.append(int(gguf.TokenType.CONTROL))
+            else:
+                token = token.replace("\u2581", " ")  # pre-normalize user-defined spaces
+                types.append(int(gguf.TokenType.USER_DEFINED))
+        else:
+            types.append(int(gguf.TokenType.NORMAL))
+        tokens.append(token)
+    return tokens, types, pre
+
+
 def _add_vocab_gemma3(w: gguf.GGUFWriter, src: Path, hp: dict[str, Any]) -> None:
-    """ref: conversion/gemma.py Gemma3Model.set_vocab, base.py _set_vocab_sentencepiece."""
-    if not (src / "tokenizer.model").is_file():
-        raise CheckpointError("Gemma 3 conversion reads the sentencepiece tokenizer.model, which is "
-                              "missing; copy it from the original checkpoint", file=str(src / "tokenizer.model"))
-    n = hp.get("vocab_size_per_layer_input", hp.get("vocab_size"))
-    tokens, scores, types = sentencepiece_vocab(src, n)
-    w.add_tokenizer_model("llama")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    gguf.SpecialVocab(src, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
-    w.add_add_space_prefix(False)
+    """ref: conversion/gemma.py Gemma3Model.set_vocab: the sentencepiece tokenizer.model
+    when there is one (base.py _set_vocab_sentencepiece), else the BPE vocabulary of
+    tokenizer.json (base.py _set_vocab_gpt2), as transformers 5's save_pretrained leaves it."""
+    if (src / "tokenizer.model").is_file():
+        n = hp.get("vocab_size_per_layer_input", hp.get("vocab_size"))
+        tokens, scores, types = sentencepiece_vocab(src, n)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        gguf.SpecialVocab(src, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+        w.add_add_space_prefix(False)
+        return
+    if not (src / "tokenizer.json").is_file():
+        raise CheckpointError("Gemma 3 conversion needs tokenizer.model or tokenizer.json and finds "
+                              "neither; copy the tokenizer files from the original checkpoint",
+                              file=str(src / "tokenizer.json"))
+    bpe_tokens, bpe_types, pre = bpe_vocab(src, hp.get("vocab_size"))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(bpe_tokens)
+    w.add_token_types(bpe_types)
+    gguf.SpecialVocab(src, load_merges=True).add_to_gguf(w, quiet=True)
 
 
 def vocab_rows(src: Path, hp: dict[str, Any]) -> int | None:

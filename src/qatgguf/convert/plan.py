@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from qatgguf.convert.arch import (
-    ArchSpec, arch_for, is_kv_shared_redundant, is_multimodal, map_name)
+from qatgguf.convert.arch import ArchSpec, arch_for, is_kv_shared_redundant, is_multimodal, map_name
 from qatgguf.convert.metadata import TextGeometry, build_metadata, text_geometry, vocab_rows
 from qatgguf.convert.safetensors import ShardHeader
 from qatgguf.convert.source import (
@@ -33,7 +32,11 @@ _SHARD_NAME_RE = re.compile(r"^[\w][\w.-]*\.safetensors$")
 
 @dataclass(frozen=True)
 class TensorJob:
-    """One GGUF tensor. Shapes are numpy (row-major) order."""
+    """One GGUF tensor. Shapes are numpy (row-major) order.
+
+    With `grid == "auto"` the type is decided by detection in the shard task, on the full
+    tensor: one of `candidates` (written on its grid) or, on no grid, `qtype`; `nbytes` is
+    then the size in `qtype`, and the part manifest records the type and size chosen."""
 
     gguf_name: str
     hf_name: str | None  # None: generated (rope_freqs)
@@ -46,6 +49,26 @@ class TensorJob:
     transform: str = "copy"  # "copy" | "norm_shift" | "rope_freqs"
     rows: int | None = None  # keep only the first `rows` rows (embedding trimmed to the vocab)
     params: dict[str, Any] = field(default_factory=dict)
+    candidates: tuple[str, ...] = ()  # grid types detection may choose (grid "auto")
+
+    @property
+    def allowed(self) -> tuple[str, ...]:
+        """Every type this tensor may be written in."""
+        return (*self.candidates, self.qtype) if self.grid == "auto" else (self.qtype,)
+
+    def resolved(self, qtype: str) -> TensorJob:
+        """This job with its type decided: a candidate is written on its grid, the fallback
+        type as the recipe chose it.
+
+        Raises ValueError for a type the plan does not allow."""
+        if qtype not in self.allowed:
+            raise ValueError(f"tensor {self.gguf_name}: type {qtype} is not one the plan allows "
+                             f"({', '.join(self.allowed)}); plan again")
+        if self.grid != "auto":
+            return self
+        grid = "qat" if qtype in self.candidates else None
+        return replace(self, qtype=qtype, grid=grid, candidates=(),
+                       nbytes=tensor_nbytes(self.shape, GGMLQuantizationType[qtype]))
 
 
 @dataclass(frozen=True)
@@ -83,10 +106,28 @@ class ConversionPlan:
     def tensors(self) -> dict[str, TensorJob]:
         return {t.gguf_name: t for s in self.shards for t in s.tensors}
 
-    def tensor_infos(self) -> list[TensorInfo]:
+    @property
+    def auto_tensors(self) -> list[str]:
+        """Names of the tensors whose type detection decides (grid "auto"), in file order."""
         jobs = self.tensors
-        return [TensorInfo(n, jobs[n].shape, int(GGMLQuantizationType[jobs[n].qtype]), jobs[n].nbytes)
-                for n in self.order]
+        return [n for n in self.order if jobs[n].grid == "auto"]
+
+    def tensor_infos(self, types: dict[str, str] | None = None) -> list[TensorInfo]:
+        """The GGUF tensor table. `types` gives the type detection chose for each "auto"
+        tensor (from the part manifests); it is required when the plan has such tensors.
+
+        Raises ValueError for a missing or disallowed type."""
+        jobs = self.tensors
+        out = []
+        for n in self.order:
+            job = jobs[n]
+            if job.grid == "auto":
+                if types is None or n not in types:
+                    raise ValueError(f"tensor {n}: its type is decided by grid detection in the shard "
+                                     "task; pass the types the parts recorded")
+                job = job.resolved(types[n])
+            out.append(TensorInfo(n, job.shape, int(GGMLQuantizationType[job.qtype]), job.nbytes))
+        return out
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -101,7 +142,9 @@ class ConversionPlan:
         shards = tuple(
             ShardJob(index=s["index"], file=s["file"], size=s["size"], digest=s["digest"],
                      tensors=tuple(TensorJob(**{**t, "src_shape": tuple(t["src_shape"]),
-                                                "shape": tuple(t["shape"])}) for t in s["tensors"]))
+                                                "shape": tuple(t["shape"]),
+                                                "candidates": tuple(t.get("candidates", ()))})
+                                   for t in s["tensors"]))
             for s in d["shards"])
         return cls(version=d["version"], source=SourceRef.from_dict(d["source"]),
                    hf_architecture=d["hf_architecture"],
@@ -309,14 +352,16 @@ def _plan(ref: SourceRef, reader, src: Path, recipe: Recipe | str) -> Conversion
         return tuple(entry.shape), None
 
     all_shapes = [(g, s) for g, s, _ in gen_jobs] + [(m.gguf_name, out_shape(n, e, m)[0]) for _, n, e, m in pending]
-    rec.check_coverage(all_shapes)
+    # what recipe rules may test (`when:`), as llama-quantize reads it from the GGUF hparams
+    facts = {"n_expert": geo.n_expert}
+    rec.check_coverage(all_shapes, facts=facts)
 
     def job(gname: str, hf: str | None, dtype: str | None, src_shape: tuple[int, ...],
             shape: tuple[int, ...], rows: int | None, transform: str, params: dict[str, Any]) -> TensorJob:
-        ch = rec.choose(gname, shape)
+        ch = rec.choose(gname, shape, facts=facts)
         return TensorJob(gguf_name=gname, hf_name=hf, src_dtype=dtype, src_shape=src_shape, shape=shape,
                          qtype=ch.qtype, grid=ch.grid, nbytes=tensor_nbytes(shape, GGMLQuantizationType[ch.qtype]),
-                         transform=transform, rows=rows, params=params)
+                         transform=transform, rows=rows, params=params, candidates=ch.candidates)
 
     for i, (f, h) in enumerate(zip(files, headers)):
         jobs = []

@@ -47,19 +47,13 @@ def _row_chunks(n_rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
         yield a, min(n_rows, a + step)
 
 
-def _tensor_chunks(job: TensorJob, fd: int | None, entry: TensorEntry | None,
-                   file: str, threads: int = 1) -> Iterator[bytes | memoryview]:
-    """Output bytes of one tensor, a block of rows at a time. Rows are read with preadv into
-    one reused buffer, so memory stays at one block whatever the tensor size (a memory map
-    would keep every touched page resident until the whole tensor is done). A yielded
-    block is valid until the next one is asked for."""
-    if job.transform == "rope_freqs":
-        # ref: conversion/gemma.py Gemma4Model.generate_extra_tensors
-        p = job.params
-        v = np.array([1.0] * p["n_rot"] + [1e30] * p["n_unrot"], dtype=np.float32)
-        yield quant.quantize(v, job.qtype).tobytes() if job.qtype != "F32" else v.tobytes()
-        return
-    assert fd is not None and entry is not None
+def _source_rows(job: TensorJob, fd: int, entry: TensorEntry,
+                 file: str) -> Iterator[tuple[memoryview, np.ndarray]]:
+    """The tensor's rows as stored, a block of rows at a time: (raw bytes, array view).
+    Rows are read with preadv into one reused buffer, so memory stays at one block whatever
+    the tensor size (a memory map would keep every touched page resident until the whole
+    tensor is done). A yielded block is valid until the next one is asked for. Raises
+    `NonFiniteError` for a row with NaN or Inf."""
     np_dtype = DTYPES[entry.dtype][1]
     item = DTYPES[entry.dtype][0]
     cols = entry.shape[-1] if entry.shape else 1
@@ -67,7 +61,6 @@ def _tensor_chunks(job: TensorJob, fd: int | None, entry: TensorEntry | None,
     if job.rows is not None:
         # embedding trimmed to the vocabulary: the first `rows` rows of a 2-D tensor
         n_rows = job.rows
-    same = job.src_dtype == job.qtype and job.transform == "copy"
     chunks = list(_row_chunks(n_rows, cols * item))
     # one buffer per tensor, refilled for each row block: the consumer has written a
     # yielded block before it asks for the next
@@ -87,6 +80,40 @@ def _tensor_chunks(job: TensorJob, fd: int | None, entry: TensorEntry | None,
         if bad.size:
             raise NonFiniteError(f"{file}: tensor {job.hf_name!r}: row {a + int(bad[0])} holds NaN or Inf; "
                                  "the checkpoint is corrupt or diverged: use a clean checkpoint")
+        yield buf, block
+
+
+def detect_type(job: TensorJob, fd: int | None, entry: TensorEntry | None, file: str) -> str:
+    """The type of a `grid: auto` tensor: the first of its candidates whose grid holds the
+    tensor (detected on the full tensor, as `qatgguf lattice` does), else the recipe's
+    type. Any other job keeps its type."""
+    if job.grid != "auto":
+        return job.qtype
+    if fd is None or entry is None:
+        raise CheckpointError("a grid: auto tensor needs its checkpoint data", file=file, tensor=job.hf_name)
+    from qatgguf.quant.lattice import detect_grid_rows
+
+    def rows() -> Iterator[np.ndarray]:
+        for _, block in _source_rows(job, fd, entry, file):
+            yield to_f32(block, entry.dtype)
+
+    found = detect_grid_rows(rows, n=int(job.shape[-1]), candidates=job.candidates)
+    return found.qtype or job.qtype
+
+
+def _tensor_chunks(job: TensorJob, fd: int | None, entry: TensorEntry | None,
+                   file: str, threads: int = 1) -> Iterator[bytes | memoryview]:
+    """Output bytes of one tensor (its type decided: not grid "auto"), a block of rows at a
+    time. A yielded block is valid until the next one is asked for."""
+    if job.transform == "rope_freqs":
+        # ref: conversion/gemma.py Gemma4Model.generate_extra_tensors
+        p = job.params
+        v = np.array([1.0] * p["n_rot"] + [1e30] * p["n_unrot"], dtype=np.float32)
+        yield quant.quantize(v, job.qtype).tobytes() if job.qtype != "F32" else v.tobytes()
+        return
+    assert fd is not None and entry is not None and job.grid != "auto"
+    same = job.src_dtype == job.qtype and job.transform == "copy"
+    for buf, block in _source_rows(job, fd, entry, file):
         if same:
             # BF16/F16/F32 kept as they are: llama.cpp's round trip through F32 gives back
             # the same bytes (no NaN: checked above)
@@ -125,7 +152,8 @@ def convert_shard(plan: ConversionPlan, index: int, out_part: Path, *, shard: Pa
     """Convert shard job `index` of `plan` into the part file `out_part`, quantizing on
     `threads` threads (default: `quant.default_threads()`). `shard` is the local copy of
     the job's safetensors file (fetched and checked by the caller); for a local checkpoint
-    it defaults to the file in the checkpoint folder.
+    it defaults to the file in the checkpoint folder. A `grid: auto` tensor gets the type
+    detection chooses on it; the manifest records every tensor's type and size.
 
     Reads only that shard, one block of rows at a time. Raises `CheckpointError`
     if the shard changed since planning, `NonFiniteError` for NaN/Inf, `QuantizationError`
@@ -156,6 +184,7 @@ def convert_shard(plan: ConversionPlan, index: int, out_part: Path, *, shard: Pa
                     if e is None or e.shape != job.src_shape or e.dtype != job.src_dtype:
                         raise CheckpointError("tensor missing or changed since planning: plan again",
                                               file=str(src_path), tensor=job.hf_name)
+                job = job.resolved(detect_type(job, fd, e, str(src_path)))
                 offset = fh.tell()
                 h = hashlib.sha256()
                 n = 0
@@ -208,8 +237,10 @@ def write_direct(plan: ConversionPlan, out: Path, *, root: Path | None = None, s
                  threads: int | None = None) -> list[Path]:
     """Convert every shard job straight into the GGUF file(s), in plan order (shard by shard,
     one tensor block at a time): the single-process path, with no part files. `root` holds
-    the shard files (default: the local checkpoint folder). Written under temporary names
-    and renamed when complete. Quantizes on `threads` threads (default:
+    the shard files (default: the local checkpoint folder). `grid: auto` tensors are
+    detected first (the header needs their types), as `convert_shard` detects them, so the
+    file equals the assembled parts byte for byte. Written under temporary names and
+    renamed when complete. Quantizes on `threads` threads (default:
     `quant.default_threads()`)."""
     threads = threads or quant.default_threads()
     root = Path(root) if root is not None else plan.source.local_dir
@@ -218,16 +249,36 @@ def write_direct(plan: ConversionPlan, out: Path, *, root: Path | None = None, s
                               file=plan.source.label())
     from qatgguf.gguf.writer import GGUFFileWriter, shard_paths, split_kvs, split_tensors
 
-    infos = plan.tensor_infos()
-    groups = split_tensors(infos, split_max_size)
-    paths = shard_paths(out, len(groups))
-    tmps = [p.with_name(f".{p.name}.tmp{os.getpid()}") for p in paths]
-    file_of = {ti.name: gi for gi, g in enumerate(groups) for ti in g}
     jobs = {t.gguf_name: (sj, t) for sj in plan.shards for t in sj.tensors}
     fds: dict[str, int] = {}
     writers: list[GGUFFileWriter] = []
     handles = []
+    tmps: list[Path] = []
     try:
+        for sj in plan.shards:  # checked once per shard, as convert_shard does
+            if sj.file is not None:
+                header = read_header(root / sj.file)
+                if header.file_size != sj.size:
+                    raise CheckpointError(f"file is {header.file_size} bytes, the plan saw {sj.size}; the "
+                                          "shard changed after planning: plan again", file=header.path)
+                fds[sj.file] = os.open(header.path, os.O_RDONLY)
+                jobs.update({t.gguf_name: (sj, t, header.tensors.get(t.hf_name)) for t in sj.tensors})
+
+        def source(name: str) -> tuple[TensorJob, int | None, TensorEntry | None, str]:
+            sj, job, *entry = jobs[name]
+            e = entry[0] if entry else None
+            if job.hf_name is not None and (e is None or e.shape != job.src_shape or e.dtype != job.src_dtype):
+                raise CheckpointError("tensor missing or changed since planning: plan again",
+                                      file=str(root / sj.file), tensor=job.hf_name)
+            fd = fds.get(sj.file) if sj.file else None
+            return job, fd, e, str(root / sj.file) if sj.file else "<generated>"
+
+        types = {n: detect_type(*source(n)) for n in plan.auto_tensors}
+        infos = plan.tensor_infos(types)
+        groups = split_tensors(infos, split_max_size)
+        paths = shard_paths(out, len(groups))
+        tmps = [p.with_name(f".{p.name}.tmp{os.getpid()}") for p in paths]
+        file_of = {ti.name: gi for gi, g in enumerate(groups) for ti in g}
         for i, (g, tmp) in enumerate(zip(groups, tmps)):
             if len(groups) == 1:
                 kvs = list(plan.kvs)
@@ -238,24 +289,11 @@ def write_direct(plan: ConversionPlan, out: Path, *, root: Path | None = None, s
             w = GGUFFileWriter(fh, kvs, g)
             w.write_header()
             writers.append(w)
-        for sj in plan.shards:  # checked once per shard, as convert_shard does
-            if sj.file is not None:
-                header = read_header(root / sj.file)
-                if header.file_size != sj.size:
-                    raise CheckpointError(f"file is {header.file_size} bytes, the plan saw {sj.size}; the "
-                                          "shard changed after planning: plan again", file=header.path)
-                fds[sj.file] = os.open(header.path, os.O_RDONLY)
-                jobs.update({t.gguf_name: (sj, t, header.tensors.get(t.hf_name)) for t in sj.tensors})
         for name in plan.order:
-            sj, job, *entry = jobs[name]
-            e = entry[0] if entry else None
-            if job.hf_name is not None and (e is None or e.shape != job.src_shape or e.dtype != job.src_dtype):
-                raise CheckpointError("tensor missing or changed since planning: plan again",
-                                      file=str(root / sj.file), tensor=job.hf_name)
+            job, fd, e, file = source(name)
+            job = job.resolved(types.get(name, job.qtype))
             w = writers[file_of[name]]
             w.begin_tensor(name)
-            fd = fds.get(sj.file) if sj.file else None
-            file = str(root / sj.file) if sj.file else "<generated>"
             for chunk in _tensor_chunks(job, fd, e, file, threads):
                 w.write(chunk)
         for w in writers:

@@ -176,7 +176,7 @@ def quantize(
     """Quantize float rows `x` (shape (..., n)) to GGML blocks, bytes as GGUF stores them.
 
     Returns uint8 of shape (..., n // block * type_size). Without `grid` the bytes equal
-    ggml's `ggml_quantize_chunk` (no importance matrix). `grid="qat"` (Q4_0, TQ2_0)
+    ggml's `ggml_quantize_chunk` (no importance matrix). `grid="qat"` (Q4_0, TQ2_0, Q8_0)
     recovers the integer grid a QAT checkpoint was trained on and keeps it; blocks that
     are not on a grid get the reference encoding. `name` only labels error messages.
     `threads` > 1 quantizes row chunks in parallel; the bytes do not depend on it.
@@ -212,9 +212,9 @@ def quantize(
         return out
     if grid not in GRIDS:
         raise QuantizationError(f"unknown grid {grid!r}; supported: {', '.join(GRIDS)} or None")
-    from qatgguf.quant.lattice import GridEncoder
+    from qatgguf.quant.lattice import grid_encoder
 
-    enc = GridEncoder(t, name=name)
+    enc = grid_encoder(t, name=name)
     flat_out = out_rows.reshape(-1)
 
     def on_grid(chunk: tuple[int, int]) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import struct
 import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -410,12 +411,38 @@ class GridEncoder:
         return self.stats
 
 
+# The grid types, coarsest first: a 2-bit grid is also a 4-bit and an 8-bit grid, and a
+# 4-bit grid an 8-bit one, so detection takes the first that fits.
+GRID_TYPES: tuple[T, ...] = (T.TQ2_0, T.Q4_0, T.Q8_0)
+# Share of a tensor's blocks that must sit on a grid for detection to choose it: the rest
+# (all-zero or off-grid blocks) get the reference encoding of that type.
+MIN_GRID_SHARE = 0.99
+
+
+def grid_encoder(qtype: T, *, name: str | None = None) -> GridEncoder:
+    """The grid-aligned encoder of `qtype` (Q4_0, TQ2_0 or Q8_0).
+
+    Raises QuantizationError for any other type, naming the tensor."""
+    if qtype == T.Q8_0:
+        from qatgguf.quant.grid8 import Q8GridEncoder
+
+        return Q8GridEncoder(name=name)  # type: ignore[return-value]  # same interface
+    if qtype not in _FORMATS:
+        raise QuantizationError(
+            f"{'tensor ' + repr(name) + ': ' if name else ''}grid='qat' supports "
+            f"{', '.join(t.name for t in GRID_TYPES)}; got {qtype.name}. Fix: use one of those "
+            f"types or grid=None"
+        )
+    return GridEncoder(qtype, name=name)
+
+
 def scan_grid(x: np.ndarray, qtype: T | str = T.Q4_0) -> GridStats:
-    """Grid statistics of float rows `x` (..., n) for Q4_0 or TQ2_0, without keeping output."""
+    """Grid statistics of float rows `x` (..., n) for Q4_0, TQ2_0 or Q8_0, without keeping
+    output."""
     from qatgguf.quant.api import CHUNK_ELEMENTS, resolve_type
 
     t = resolve_type(qtype)
-    enc = GridEncoder(t)
+    enc = grid_encoder(t)
     flat = np.asarray(x).reshape(-1)
     usable = flat.size // enc.block * enc.block
     step = max(enc.block, CHUNK_ELEMENTS // enc.block * enc.block)
@@ -423,8 +450,91 @@ def scan_grid(x: np.ndarray, qtype: T | str = T.Q4_0) -> GridStats:
         c = np.ascontiguousarray(flat[p : min(usable, p + step)], dtype=np.float32)
         buf = np.empty(c.size // enc.block * enc.type_size, np.uint8)
         enc.encode(c, buf)
-    enc._parts.clear()
     return enc.stats
+
+
+@dataclass(frozen=True)
+class GridDetection:
+    """What detection found on one tensor: the share of blocks on each grid it scanned
+    (types whose block does not divide the row are absent) and the chosen grid type."""
+
+    shares: dict[str, float]
+    qtype: str | None  # the coarsest grid holding >= MIN_GRID_SHARE of the blocks
+
+    @property
+    def found(self) -> bool:
+        return self.qtype is not None
+
+
+def detect_grid_rows(
+    rows: Callable[[], Iterable[np.ndarray]],
+    *,
+    n: int,
+    candidates: Sequence[T | str] = GRID_TYPES,
+    min_share: float = MIN_GRID_SHARE,
+) -> GridDetection:
+    """The QAT grid of a tensor whose rows (length `n`) `rows()` yields as float blocks, a
+    pass per candidate: the first of `candidates` (coarsest first) whose grid holds at
+    least `min_share` of the blocks, or none. Scans stop at the first grid that fits.
+    This is what `grid: auto` recipes and `qatgguf lattice` use.
+
+    Raises UnknownQuantTypeError / QuantizationError for a candidate without a grid."""
+    from qatgguf.quant.api import resolve_type
+
+    shares: dict[str, float] = {}
+    for cand in candidates:
+        t = resolve_type(cand)
+        enc = grid_encoder(t)  # rejects a type without a grid encoder, whatever the row
+        if n <= 0 or n % enc.block:
+            continue
+        for block in rows():
+            c = np.ascontiguousarray(block, dtype=np.float32).reshape(-1)
+            enc.encode(c, np.empty(c.size // enc.block * enc.type_size, np.uint8))
+        shares[t.name] = enc.stats.fraction
+        if enc.stats.fraction >= min_share:
+            return GridDetection(shares, t.name)
+    return GridDetection(shares, None)
+
+
+def detect_grid(
+    x: np.ndarray, *, candidates: Sequence[T | str] = GRID_TYPES, min_share: float = MIN_GRID_SHARE
+) -> GridDetection:
+    """`detect_grid_rows` over the float rows `x` (..., n), in chunks."""
+    from qatgguf.quant.api import CHUNK_ELEMENTS
+
+    arr = np.asarray(x)
+    n = int(arr.shape[-1]) if arr.ndim else 0
+    flat = arr.reshape(-1, n) if n else arr.reshape(-1, 1)
+    step = max(1, CHUNK_ELEMENTS // max(n, 1))
+
+    def rows() -> Iterator[np.ndarray]:
+        for r in range(0, flat.shape[0], step):
+            yield flat[r : r + step]
+
+    return detect_grid_rows(rows, n=n, candidates=candidates, min_share=min_share)
+
+
+def block_exactness(w: np.ndarray, data: np.ndarray, qtype: T | str, *, block: int = 32) -> tuple[int, int]:
+    """(exact, total) blocks of `block` consecutive row elements: a block is exact when
+    the bf16 rounding of the decoded values `data` (GGML bytes of `qtype`) equals the
+    checkpoint's values `w` (bf16-valued float rows of the same shape). Blocks are counted
+    in units of 32 whatever the type, so files of different types compare block for block.
+
+    Raises QuantizationError when the shapes disagree."""
+    from qatgguf.quant.api import dequantize
+
+    x = np.asarray(w, dtype=np.float32)
+    deq = dequantize(data, qtype)
+    if deq.size != x.size or x.shape[-1] % block:
+        raise QuantizationError(
+            f"decoded {deq.size} values for a tensor of shape {list(x.shape)} (rows must be a "
+            f"multiple of {block}); pass the tensor the bytes were made from"
+        )
+    u = deq.reshape(-1).view(np.uint32).astype(np.uint64)
+    r = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+    # compare values, not bits: a signed zero decodes to either zero
+    ok = (r == x.reshape(-1)).reshape(-1, block).all(axis=1)
+    return int(ok.sum()), int(ok.size)
 
 
 # ------------------------------------------------------------------ recipe signature
@@ -441,16 +551,50 @@ def recipe_signature(stats: GridStats) -> dict[str, object]:
     )
     p = {c: n / total for c, n in stats.max_codes.items()} if total else {}
     neg8, pos8, pos7 = p.get(-8, 0.0), p.get(8, 0.0), p.get(7, 0.0)
+    # a scale learned per block (LSQ) leaves the block maximum wherever training put it;
+    # every max-derived rule puts it on +-7 or +-8
+    inner = sum(v for c, v in p.items() if abs(c) <= 6)
     if not total:
         recipe = "no grid"
     elif pos8 >= 0.1 and neg8 >= 0.1:
         recipe = "Q4_0-style: s = max/-8 (the max element always gets -8 in its sign)"
+    elif inner >= 0.05:
+        recipe = "learned per-block scale (LSQ-style): the max element's code varies, codes [-8, 7]"
     elif neg8 + pos8 < 0.01:
         recipe = "symmetric [-7, 7]: s = amax/7"
     elif pos7 >= 0.25:
         recipe = "symmetric round: s = amax/7.5 (torchao), codes [-8, 7]"
     else:
         recipe = "fixed per-block scale, codes [-8, 7]"
+    return {"max_code_shares": shares, "scale_rounding": stats.scale_rounding(), "recipe": recipe}
+
+
+def grid_signature(stats: GridStats, qtype: T | str) -> dict[str, object]:
+    """`recipe_signature` for a grid of any type: for Q4_0 the 4-bit recipe; for TQ2_0 the
+    2-bit grid and the share of blocks that need TQ2_0's negative scale (the block's largest
+    weight is negative, so the grid is {-2,-1,0,1} times a positive step); for Q8_0 the
+    8-bit grid and the share of blocks whose largest weight has the code 127."""
+    name = qtype if isinstance(qtype, str) else qtype.name
+    if name == "Q4_0":
+        return recipe_signature(stats)
+    total = stats.on_grid
+    shares = (
+        {f"{c:+d}": round(n / total, 4) for c, n in sorted(stats.max_codes.items())}
+        if total
+        else {}
+    )
+    if not total:
+        recipe = "no grid"
+    elif name == "TQ2_0":
+        neg = stats.max_codes.get(-2, 0) / total
+        ternary = (stats.max_codes.get(-1, 0) + stats.max_codes.get(1, 0)) / total
+        recipe = (
+            f"2-bit grid {{-1,0,1,2}}*d: negative scale in {neg:.1%} of blocks, "
+            f"ternary (codes -1..1) in {ternary:.1%}"
+        )
+    else:
+        full = (stats.max_codes.get(127, 0) + stats.max_codes.get(-127, 0)) / total
+        recipe = f"8-bit grid, codes -127..127: the largest weight has code 127 in {full:.1%} of blocks"
     return {"max_code_shares": shares, "scale_rounding": stats.scale_rounding(), "recipe": recipe}
 
 
@@ -461,7 +605,9 @@ _ST_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
 
 @dataclass(frozen=True)
 class TensorGridReport:
-    """One tensor of a checkpoint: how much of it sits on a 4-bit (Q4_0) and 2-bit (TQ2_0) grid."""
+    """One tensor of a checkpoint: how much of it sits on a 4-bit (Q4_0), 2-bit (TQ2_0)
+    and 8-bit (Q8_0) grid, the grid detection chooses (`grid`, None: none) and the
+    signature of that grid (of the 4-bit scan when there is none)."""
 
     file: str
     tensor: str
@@ -472,6 +618,9 @@ class TensorGridReport:
     tq2_blocks: int
     tq2_fraction: float
     signature: dict[str, object]
+    q8_blocks: int = 0
+    q8_fraction: float = 0.0
+    grid: str | None = None
 
 
 def _read_header(path: Path) -> tuple[dict[str, dict], int]:
@@ -513,8 +662,10 @@ def _load_tensor(path: Path, name: str, info: dict, base: int) -> np.ndarray:
 
 def lattice_report(src_dir: str | Path, *, min_elements: int = 256) -> list[TensorGridReport]:
     """Scan every float tensor of a safetensors checkpoint (a dir or one file), tensor by
-    tensor, for QAT grids. Tensors with fewer than `min_elements` or a last dimension that
-    is not a multiple of 32 are skipped (norms, biases, scalars).
+    tensor, for QAT grids, and name the grid detection chooses (as `detect_grid`: the
+    coarsest of TQ2_0, Q4_0, Q8_0 holding >= MIN_GRID_SHARE of the blocks). Tensors with
+    fewer than `min_elements` or a last dimension that is not a multiple of 32 are skipped
+    (norms, biases, scalars).
 
     Raises CheckpointError naming the file (and tensor) on unreadable input.
     """
@@ -541,6 +692,16 @@ def lattice_report(src_dir: str | Path, *, min_elements: int = 256) -> list[Tens
             x = _load_tensor(path, name, info, base)
             q4 = scan_grid(x, T.Q4_0)
             tq2 = scan_grid(x, T.TQ2_0) if shape[-1] % 256 == 0 else GridStats()
+            # the 8-bit scan only where no coarser grid fits (every 4-bit grid is one)
+            if max(q4.fraction, tq2.fraction) >= MIN_GRID_SHARE:
+                q8 = GridStats()
+            else:
+                q8 = scan_grid(x, T.Q8_0)
+            grid, stats = None, q4
+            for t, st in ((T.TQ2_0, tq2), (T.Q4_0, q4), (T.Q8_0, q8)):
+                if st.blocks and st.fraction >= MIN_GRID_SHARE:
+                    grid, stats = t, st
+                    break
             out.append(
                 TensorGridReport(
                     file=path.name,
@@ -551,7 +712,10 @@ def lattice_report(src_dir: str | Path, *, min_elements: int = 256) -> list[Tens
                     q4_fraction=q4.fraction,
                     tq2_blocks=tq2.blocks,
                     tq2_fraction=tq2.fraction,
-                    signature=recipe_signature(q4),
+                    signature=grid_signature(stats, grid or T.Q4_0),
+                    q8_blocks=q8.blocks,
+                    q8_fraction=q8.fraction,
+                    grid=None if grid is None else grid.name,
                 )
             )
     return out
