@@ -116,13 +116,18 @@ class NodeSet:
         return {**self.head.env, "RAY_ADDRESS": self.address, **extra}
 
 
-def _node_script(private: Path) -> str:
-    return (f"set -e; mount -t tmpfs -o size=4g tmpfs {private}; "
-            f"mkdir -p {private}/tmp {private}/cache {private}/hf; exec \"$@\"")
+def _node_script(private: Path, disk: Path | None) -> str:
+    """Mount the node's private disk over `private` (in its own namespace): a tmpfs, or a
+    bind mount of the node's own folder on the host's disk for big scratch space."""
+    mount = f"mount --bind {disk} {private}" if disk else f"mount -t tmpfs -o size=4g tmpfs {private}"
+    return f"set -e; {mount}; mkdir -p {private}/tmp {private}/cache {private}/hf; exec \"$@\""
 
 
-def start_nodes(root: Path, *, n: int, env: dict[str, str], cpus: int = 1, memory: int = 6_000_000_000) -> NodeSet:
-    """Start a head and n-1 workers; `env` is each node's own environment (its secrets)."""
+def start_nodes(root: Path, *, n: int, env: dict[str, str], cpus: int = 1, memory: int = 6_000_000_000,
+                on_disk: bool = False) -> NodeSet:
+    """Start a head and n-1 workers; `env` is each node's own environment (its secrets).
+    `on_disk` backs each node's private folder with its own folder under `root` instead
+    of a 4 GB tmpfs."""
     # a short path: Ray's unix sockets live below it (at most 107 bytes)
     private = Path(tempfile.mkdtemp(prefix="qgn-", dir="/tmp"))
     root.mkdir(parents=True, exist_ok=True)
@@ -150,8 +155,12 @@ def start_nodes(root: Path, *, n: int, env: dict[str, str], cpus: int = 1, memor
         else:
             args += [f"--address={nodes.address}"]
         log = root / f"node{i}.log"
+        disk = root / f"node{i}-disk" if on_disk else None
+        if disk is not None:
+            disk.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "bash", "-c", _node_script(private), "node", *args],
+            ["unshare", "--mount", "--propagation", "private", "bash", "-c", _node_script(private, disk), "node",
+             *args],
             env=common_env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         nodes.nodes.append(Node(f"node{i}", proc, private, common_env, log))
         _wait_nodes(nodes, i + 1)
