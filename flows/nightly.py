@@ -38,13 +38,16 @@ def nightly(config: str = "tiny-family", models: list[str] | None = None) -> dic
     fingerprints: dict[str, str] = {}
     changed = []
     for m in cfg.models:
-        source = core.source_snapshot(ctx, core.prepare_source(ctx, m))
-        fingerprints[m.name] = core.model_fingerprint(cfg, m, source)
-        last = latest["models"].get(m.name)
-        if last is None or last["fingerprint"] != fingerprints[m.name]:
-            changed.append(m)
-            logger.info("%s changed since %s (source %s@%s)", m.name,
-                        last["release_id"] if last else "its first release", source.uri, source.revision[:12])
+        # a model changed when any of its checkpoints (the model, its variants) did
+        for ck in cfg.checkpoints(m):
+            source = core.source_snapshot(ctx, core.prepare_source(ctx, ck))
+            fingerprints[ck.name] = core.model_fingerprint(cfg, ck, source)
+            last = latest["models"].get(ck.name)
+            if last is None or last["fingerprint"] != fingerprints[ck.name]:
+                logger.info("%s changed since %s (source %s@%s)", ck.name,
+                            last["release_id"] if last else "its first release", source.uri, source.revision[:12])
+                changed.append(m)
+                break
     if not changed:
         since = sorted({v["release_id"] for v in latest["models"].values()})
         text = f"# {cfg.family}: unchanged since release {', '.join(since)}\n\nNo source, recipe or tool changed; " \

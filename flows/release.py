@@ -59,13 +59,17 @@ def _slug(s: str) -> str:
 
 @dataclass
 class ModelRun:
-    """The futures of one model's pipeline, in pipeline order, labelled by task name."""
+    """The futures of one checkpoint's pipeline (a model, or one of its variants such as
+    the mobile mixture), in pipeline order, labelled by task name."""
 
-    model: ModelConfig
+    model: ModelConfig  # the checkpoint as a model (a variant is called <model>-<variant>)
+    owner: str = ""  # the model whose repo and card it goes to
     futures: list[tuple[str, PrefectFuture, dict]] = field(default_factory=list)
     shards: list[PrefectFuture] = field(default_factory=list)
     plan: Any = None
     gates: dict[str, PrefectFuture] = field(default_factory=dict)
+    files: dict[str, Any] = field(default_factory=dict)  # recipe -> GGUFOutput (or its future)
+    projector: Any = None
     # every output of the model, as a future (made by a task) or a value (found in the store)
     outputs: dict[str, Any] = field(default_factory=dict)
     publish: PrefectFuture | None = None
@@ -106,7 +110,8 @@ def _submit_model(run: ModelRun, cfg: ReleaseConfig, ctx: core.ReleaseContext, p
         files[r] = run.add(f"assemble-{m.name}-{r}",
                            _submit(t.assemble_gguf, declared, ctx, m, r, plan.plans[r], shards), declared)
     projector: Any = plan.mmproj_done
-    if plan.mmproj is not None and projector is None:
+    # the repo holds one projector: the model's own checkpoint's (a variant shares the towers)
+    if plan.mmproj is not None and projector is None and run.owner == m.name:
         declared = budget.assemble_budget(gguf_bytes=sum(plan.gguf_bytes.values()) // max(1, len(recipes)))
         projector = run.add(f"mmproj-{m.name}", _submit(t.mmproj, declared, ctx, m, plan.mmproj), declared)
     n_seq = max(1, cfg.eval.batch // cfg.eval.ctx)
@@ -132,14 +137,29 @@ def _submit_model(run: ModelRun, cfg: ReleaseConfig, ctx: core.ReleaseContext, p
                       for i in range(n_parts)]
             results[r] = run.add(f"merge-eval-{m.name}-{r}",
                                  t.merge_eval.submit(ctx, m.name, r, ranges, files[r], records, n_parts))
+    naive = cfg.naive_recipe if cfg.naive_recipe in results else None
     for r in cfg.recipes_for(m):
-        run.gates[r] = run.add(f"gate-{m.name}-{r}",
-                               t.gate.submit(ctx, m.name, r, results[r], files[r], cfg.gate_for(m)))
-    quant_files = {r: files[r] for r in cfg.recipes_for(m)}
+        # a published file other than the naive baseline must beat it: lower mean KLD, no larger
+        beat = naive if naive and r != naive and r in cfg.publish_for(m) else None
+        run.gates[r] = run.add(f"gate-{m.name}-{r}", t.gate.submit(
+            ctx, m.name, r, results[r], files[r], cfg.gate_for(m),
+            results[beat] if beat else None, files[beat] if beat else None))
+    run.files = files
+    run.projector = projector
     run.outputs = {"parts": shards, "files": files, "mmproj": projector, "evaluations": results,
                    "records": records}
-    run.publish = run.add(f"publish-{m.name}", t.publish.submit(ctx, cfg, m, quant_files, run.gates, projector,
-                                                                files[cfg.base_recipe]))
+
+
+def _submit_publish(model: ModelConfig, checkpoints: list[ModelRun], cfg: ReleaseConfig,
+                    ctx: core.ReleaseContext) -> PrefectFuture:
+    """One publish per model: its publishable files and the variants' in one commit."""
+    main, *variants = checkpoints
+    files = {r: main.files[r] for r in cfg.publish_for(main.model)}
+    extra = {v.model.name: {"files": {r: v.files[r] for r in cfg.publish_for(v.model)}, "gates": v.gates}
+             for v in variants}
+    fut = t.publish.submit(ctx, cfg, model, files, main.gates, main.projector, main.files[cfg.base_recipe], extra)
+    main.publish = main.add(f"publish-{model.name}", fut)
+    return fut
 
 
 def _outcome(label: str, future: PrefectFuture) -> tuple[str, Any, str | None]:
@@ -249,9 +269,9 @@ def run_models(cfg: ReleaseConfig, ctx: core.ReleaseContext, settings: core.Eval
     """Submit every model's pipeline, follow the shards' progress, collect, write the
     manifest and artifacts; raise ReleaseFailed naming failed tasks when a model failed."""
     logger = get_run_logger()
-    runs = {m.name: ModelRun(m) for m in models}
+    runs = {ck.name: ModelRun(ck, owner=m.name) for m in models for ck in cfg.checkpoints(m)}
     plan_futures = {}
-    for m in models:
+    for m in (r.model for r in runs.values()):
         declared = budget.plan_budget(small_files=256 * 1024 * 1024)
         src = runs[m.name].add(f"source-{m.name}", _submit(t.prepare_source, declared, ctx, m))
         plan_futures[m.name] = runs[m.name].add(
@@ -270,6 +290,11 @@ def run_models(cfg: ReleaseConfig, ctx: core.ReleaseContext, settings: core.Eval
             progress=0.0 if todo else 100.0, key=f"{_slug(cfg.family)}-{_slug(run.model.name)}-shards",
             description=f"{run.model.name}: 0 of {todo} shards to convert done "
                         f"({run.plan.n_shards - todo} of {run.plan.n_shards} already in the store)")
+    # one publish per model, once every checkpoint of it is submitted
+    for m in models:
+        cks = [runs[ck.name] for ck in cfg.checkpoints(m)]
+        if all(ck.plan is not None for ck in cks):
+            _submit_publish(m, cks, cfg, ctx)
     # follow the shards, model by model in completion order
     owner = {f: run for run in runs.values() for f in run.shards}
     done = {name: 0 for name in runs}
@@ -283,20 +308,43 @@ def run_models(cfg: ReleaseConfig, ctx: core.ReleaseContext, settings: core.Eval
 
     summary = {name: _collect(run) for name, run in runs.items()}
     for name, s in summary.items():
+        run = runs[name]
+        s["model"] = run.owner
+        if run.owner == name and run.publish is None and s["status"] != "failed":
+            # not published because another checkpoint of the model failed
+            other = next((f"{n}: {x['error']}" for n, x in summary.items()
+                          if runs[n].owner == name and x["status"] == "failed"), "a checkpoint was not planned")
+            s.update(status="failed", error=other)
+        if run.owner != name:  # a variant: its files went out with its model's publish
+            owner = summary[run.owner]
+            if s["status"] == "failed":
+                pass
+            elif owner["status"] == "failed":
+                s.update(status="failed", error=f"{run.owner}: {owner['error']}")
+            else:
+                stems = {core.gguf_name(run.model, r).removesuffix(".gguf") for r in cfg.publish_for(run.model)}
+                published = (owner.get("published") or {}).get("files") or []
+                s["status"] = ("published" if any(f.startswith(tuple(stems)) for f in published)
+                               else "not published (gate failed)")
         if runs[name].plan is not None:
             # what the nightly compares: the inputs this release actually used
             s["fingerprint"] = core.model_fingerprint(cfg, runs[name].model, runs[name].plan.source)
     manifest = core.write_manifest(ctx, cfg, summary)
     rows = core.release_rows(summary)
+    tables = core.release_tables(cfg, summary)
     slug = _slug(cfg.family)
     if rows:
-        create_table_artifact(key=f"{slug}-eval", table=rows, description=f"Release {ctx.release_id}")
-    create_markdown_artifact(key=f"{slug}-release", markdown=_report(cfg, ctx, summary, manifest.uri))
+        create_table_artifact(key=f"{slug}-eval", table=rows, description=f"Release {ctx.release_id}: every file")
+    for table in tables:
+        create_table_artifact(key=f"{slug}-{_slug(table.title)}", table=table.records(),
+                              description=f"Release {ctx.release_id}: {table.title}")
+    create_markdown_artifact(key=f"{slug}-release", markdown=_report(cfg, ctx, summary, manifest.uri, tables))
     failed = [f"{name}: {s['error']}" for name, s in summary.items() if s["status"] == "failed"]
     gate_failed = [f"{m}/{r}" for m, s in summary.items() for r, g in s["gates"].items() if not g["passed"]]
     if gate_failed:
         logger.warning("gate failed, not published: %s", ", ".join(gate_failed))
     result = {"release_id": ctx.release_id, "manifest": manifest.uri, "rows": rows, "models": summary,
+              "tables": [{"title": t.title, "markdown": t.markdown()} for t in tables],
               "gate_failed": gate_failed, "failed": failed}
     if failed:
         raise ReleaseFailed(f"release {ctx.release_id}: {len(failed)} of {len(summary)} model(s) failed "
@@ -324,14 +372,16 @@ def run_release(
     return api_url, release_id, state
 
 
-def _report(cfg: ReleaseConfig, ctx: core.ReleaseContext, summary: dict, manifest_uri: str) -> str:
+def _report(cfg: ReleaseConfig, ctx: core.ReleaseContext, summary: dict, manifest_uri: str,
+            tables: list) -> str:
     lines = [f"# Release {ctx.release_id} of {cfg.family}", "", f"Manifest: `{manifest_uri}`", ""]
+    for table in tables:
+        lines += [f"## {table.title}", "", table.note, "", table.markdown()]
     for name, s in summary.items():
-        pub = s.get("published") or {}
         if s["status"] == "failed":
             state = f"**failed**: {s['error']}"
-        elif pub.get("published"):
-            state = f"published to `{pub['repo']}`"
+        elif s["status"] == "published":
+            state = f"published to `{s['repo']}`"
         else:
             state = "**not published**"
         lines.append(f"## {name}: {state}")

@@ -106,12 +106,13 @@ def merge_eval(ctx: core.ReleaseContext, model: str, recipe: str, ranges: Sequen
 
 @task(name="gate", task_run_name="gate-{model}-{recipe}", **_common)
 def gate(ctx: core.ReleaseContext, model: str, recipe: str, result: dict, quant: core.GGUFOutput,
-         thresholds: GateConfig) -> dict:
-    return core.gate(ctx, model=model, recipe=recipe, result=result, quant=quant, thresholds=thresholds)
+         thresholds: GateConfig, naive_result: dict | None = None, naive: core.GGUFOutput | None = None) -> dict:
+    return core.gate(ctx, model=model, recipe=recipe, result=result, quant=quant, thresholds=thresholds,
+                     naive_result=naive_result, naive=naive)
 
 
 @task(name="publish", task_run_name="publish-{model.name}", retries=2, retry_delay_seconds=5, **_common)
 def publish(ctx: core.ReleaseContext, cfg: ReleaseConfig, model: ModelConfig, files: dict[str, core.GGUFOutput],
-            gates: dict[str, dict], mmproj: core.GGUFOutput | None = None, base: core.GGUFOutput | None = None
-            ) -> dict:
-    return core.publish_model(ctx, cfg, model, files, gates, mmproj=mmproj, base=base)
+            gates: dict[str, dict], mmproj: core.GGUFOutput | None = None, base: core.GGUFOutput | None = None,
+            variants: dict[str, dict] | None = None) -> dict:
+    return core.publish_model(ctx, cfg, model, files, gates, mmproj=mmproj, base=base, variants=variants or {})

@@ -93,3 +93,44 @@ def test_resolved_makes_local_paths_absolute(tmp_path):
     assert all(m.source.startswith("tiny://") for m in cfg.models)
     s3 = load_release_config(builtin_config_path("gemma-4-qat")).resolved(tmp_path)
     assert s3.store.url.startswith("s3://") and s3.models[0].source.startswith("hf://")
+
+
+def test_variants_publish_and_compare_recipes():
+    """E2B and E4B carry their mobile mixture as a variant: its own source and recipes,
+    published into the model's repo; naive Q4_0 and Q8_0 are evaluated, not published."""
+    cfg = load_release_config(builtin_config_path("tiny-family"))
+    e2b = cfg.model("E2B")
+    main, mobile = cfg.checkpoints(e2b)
+    assert main.name == "E2B" and main.variants == ()
+    assert (mobile.name, mobile.source, mobile.repo, mobile.file_prefix) == (
+        "E2B-mobile", "tiny://E2B-mobile", e2b.repo, e2b.file_prefix)
+    assert cfg.recipes_for(main) == ("UD-Q4_K_XL", "q8_0", "q4_0") and cfg.publish_for(main) == ("UD-Q4_K_XL",)
+    assert cfg.recipes_for(mobile) == ("UD-Q2_K_XL", "q4_0") and cfg.publish_for(mobile) == ("UD-Q2_K_XL",)
+    assert [len(cfg.checkpoints(m)) for m in cfg.models] == [2, 2, 1, 1, 1]
+    assert cfg.naive_recipe == "q4_0"
+    # --recipes: those recipes on every checkpoint, each published when it passes
+    sub = cfg.select(models=["E2B"], recipes=["q4_0"])
+    assert [(sub.recipes_for(c), sub.publish_for(c)) for c in sub.checkpoints(sub.models[0])] == [
+        (("q4_0",), ("q4_0",)), (("q4_0",), ("q4_0",))]
+    raw = _raw("tiny-family")
+    raw["models"][0]["variants"][0]["recipes"] = ["UD-Q9"]
+    with pytest.raises(ConfigError, match="UD-Q9"):
+        parse_release_config(raw)
+    raw = _raw("tiny-family")
+    raw["models"][0]["variants"].append(dict(raw["models"][0]["variants"][0]))
+    with pytest.raises(ConfigError, match="variant names must be unique"):
+        parse_release_config(raw)
+    raw = _raw("tiny-family")
+    raw["models"][0]["variants"][0]["source"] = "ftp://x"
+    with pytest.raises(ConfigError, match="ftp://x"):
+        parse_release_config(raw)
+
+
+def test_split_size_reads_units():
+    raw = _raw("tiny-family")
+    raw["publish"]["split_max_size"] = "2G"
+    assert parse_release_config(raw).publish.split_max_size == 2 * 1000**3
+    assert load_release_config(builtin_config_path("gemma-4-qat")).publish.split_max_size == 50 * 1000**3
+    raw["publish"]["split_max_size"] = "lots"
+    with pytest.raises(ConfigError, match="split_max_size"):
+        parse_release_config(raw)

@@ -86,9 +86,6 @@ class PublishConfig(_Strict):
     collection: str | None = None
     license_link: str | None = None  # URL of the license text; needed when license is not SPDX
     languages: tuple[str, ...] = ()  # card metadata `language`, when the models list them
-    # The card's comparison of the naive conversion against the aligned one (table, plot).
-    aligned_recipe: str | None = "UD-Q4_K_XL"
-    naive_recipe: str | None = "q4_0"
     # The context the card's commands use and its memory line states (capped at the
     # model's maximum, which the card states too).
     card_context: int = Field(32768, ge=256)
@@ -136,23 +133,50 @@ class RayConfig(_Strict):
     shard_cpus: int = Field(1, ge=1)  # CPUs per shard task (the kernels quantize rows in threads)
 
 
+def _check_source(v: str) -> str:
+    if not _SOURCE_RE.match(v):
+        raise ValueError(f"source {v!r} is not a local path, tiny://NAME, hf://org/repo@rev or s3://bucket/prefix")
+    return v
+
+
+class VariantConfig(_Strict):
+    """Another checkpoint of the model whose files go into the model's repo and card (the
+    mobile mixtures of E2B and E4B), evaluated against its own BF16."""
+
+    name: str = Field(pattern=r"^[\w.-]+$")  # "mobile": the checkpoint is called <model>-<name>
+    source: str
+    base_model: str | None = None
+    recipes: tuple[str, ...] = Field(min_length=1)  # evaluated
+    publish_recipes: tuple[str, ...] | None = None  # None: every recipe that passes
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return _check_source(v)
+
+
 class ModelConfig(_Strict):
     name: str = Field(pattern=r"^[\w.-]+$")
     source: str
     repo: str
     file_prefix: str = Field(pattern=r"^[\w.-]+$")
     base_model: str | None = None  # the Hub id of the QAT checkpoint, for the card
-    recipes: tuple[str, ...] | None = None
+    recipes: tuple[str, ...] | None = None  # evaluated (None: the release's)
+    publish_recipes: tuple[str, ...] | None = None  # published if they pass (None: the release's)
     gate: GateConfig | None = None
+    variants: tuple[VariantConfig, ...] = ()
 
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        if not _SOURCE_RE.match(v):
-            raise ValueError(
-                f"source {v!r} is not a local path, tiny://NAME, hf://org/repo@rev or s3://bucket/prefix"
-            )
-        return v
+        return _check_source(v)
+
+    @model_validator(mode="after")
+    def _variants(self) -> ModelConfig:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model {self.name}: variant names must be unique; got {names}")
+        return self
 
     @field_validator("repo")
     @classmethod
@@ -167,7 +191,13 @@ class ReleaseConfig(_Strict):
     family: str
     license: str = "gemma"
     quantized_by: str = "qatgguf"
-    recipes: tuple[str, ...] = ("q8_0", "q4_0")
+    recipes: tuple[str, ...] = ("q8_0", "q4_0")  # evaluated for every model
+    # Which evaluated recipes are published when they pass (None: all); the others are
+    # evaluated for the comparison only.
+    publish_recipes: tuple[str, ...] | None = None
+    # The naive baseline (llama-quantize's choices): a published file other than it must
+    # have a lower mean KLD and be no larger; the cards compare against it.
+    naive_recipe: str | None = "q4_0"
     base_recipe: str = "bf16"
     models: tuple[ModelConfig, ...] = Field(min_length=1)
     gate: GateConfig = GateConfig()
@@ -187,8 +217,13 @@ class ReleaseConfig(_Strict):
         from qatgguf.recipes import available_recipes
 
         known = set(available_recipes())
-        wanted = {self.base_recipe, *self.recipes, *(r for m in self.models for r in (m.recipes or ()))}
-        wanted |= {r for r in (self.publish.aligned_recipe, self.publish.naive_recipe) if r}
+        wanted = {self.base_recipe, *self.recipes, *(self.publish_recipes or ())}
+        for m in self.models:
+            wanted |= {*(m.recipes or ()), *(m.publish_recipes or ())}
+            for v in m.variants:
+                wanted |= {*v.recipes, *(v.publish_recipes or ())}
+        if self.naive_recipe:
+            wanted.add(self.naive_recipe)
         unknown = sorted(wanted - known)
         if unknown:
             raise ValueError(f"unknown recipe(s) {unknown}; known: {sorted(known)}")
@@ -202,6 +237,23 @@ class ReleaseConfig(_Strict):
 
     def recipes_for(self, model: ModelConfig) -> tuple[str, ...]:
         return model.recipes if model.recipes is not None else self.recipes
+
+    def publish_for(self, model: ModelConfig) -> tuple[str, ...]:
+        """The recipes of `model` that publish when they pass their gate."""
+        chosen = model.publish_recipes if model.publish_recipes is not None else self.publish_recipes
+        recipes = self.recipes_for(model)
+        return tuple(r for r in recipes if chosen is None or r in chosen)
+
+    def checkpoints(self, model: ModelConfig) -> tuple[ModelConfig, ...]:
+        """The model's checkpoints as models of their own: the model, then each variant
+        (`<model>-<variant>`, the same repo and file prefix, its own source and recipes)."""
+        out = [model.model_copy(update={"variants": ()})]
+        for v in model.variants:
+            out.append(model.model_copy(update={
+                "name": f"{model.name}-{v.name}", "source": v.source, "base_model": v.base_model or model.base_model,
+                "recipes": v.recipes, "publish_recipes": v.publish_recipes if v.publish_recipes is not None
+                else v.recipes, "variants": ()}))
+        return tuple(out)
 
     def gate_for(self, model: ModelConfig) -> GateConfig:
         return model.gate if model.gate is not None else self.gate
@@ -220,7 +272,10 @@ class ReleaseConfig(_Strict):
                 "store": self.store.model_copy(update={"url": local(self.store.url)}),
                 "publish": self.publish.model_copy(update={"local_root": local(self.publish.local_root)}),
                 "eval": self.eval.model_copy(update={"corpus": local(self.eval.corpus)}),
-                "models": tuple(m.model_copy(update={"source": local(m.source)}) for m in self.models),
+                "models": tuple(m.model_copy(update={
+                    "source": local(m.source),
+                    "variants": tuple(v.model_copy(update={"source": local(v.source)}) for v in m.variants)})
+                    for m in self.models),
             }
         )
 
@@ -230,8 +285,13 @@ class ReleaseConfig(_Strict):
         if models:
             update["models"] = tuple(self.model(n) for n in models)
         if recipes:
+            # the chosen recipes for every checkpoint, each published when it passes
             update["recipes"] = tuple(recipes)
-            update["models"] = tuple(m.model_copy(update={"recipes": None}) for m in update.get("models", self.models))
+            update["publish_recipes"] = None
+            update["models"] = tuple(
+                m.model_copy(update={"recipes": None, "publish_recipes": None, "variants": tuple(
+                    v.model_copy(update={"recipes": tuple(recipes), "publish_recipes": None}) for v in m.variants)})
+                for m in update.get("models", self.models))
         return self.model_copy(update=update)
 
 

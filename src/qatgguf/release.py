@@ -25,6 +25,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -265,6 +266,7 @@ class GGUFOutput:
     key: str
     files: tuple[ArtifactRef, ...]
     eval_digest: str  # tensor bytes and the metadata that can change logits or tokens
+    types: dict[str, int] = field(default_factory=dict)  # tensors per GGML type
     stats: StepStats = field(compare=False, default_factory=StepStats)
 
     @property
@@ -282,15 +284,16 @@ def _stored_output(store, key: str, kind: str, recipe: str) -> GGUFOutput | None
         return None
     d = json.loads(store.get_bytes(index.uri))
     return GGUFOutput(recipe=recipe, key=key, files=tuple(ArtifactRef.from_dict(f) for f in d["files"]),
-                      eval_digest=d["eval_digest"])
+                      eval_digest=d["eval_digest"], types=d.get("types", {}))
 
 
-def _store_output(store, key: str, kind: str, recipe: str, paths: Sequence[Path], eval_digest: str) -> GGUFOutput:
+def _store_output(store, key: str, kind: str, recipe: str, paths: Sequence[Path], eval_digest: str,
+                  types: dict[str, int] | None = None) -> GGUFOutput:
     files = tuple(store.put_file(p, cas_key(kind, key, p.name), exclusive=True) for p in paths)
     # the index is written last: an output exists once it does
-    store.put_json({"files": [f.to_dict() for f in files], "eval_digest": eval_digest},
+    store.put_json({"files": [f.to_dict() for f in files], "eval_digest": eval_digest, "types": types or {}},
                    cas_key(kind, key, "files.json"), exclusive=True)
-    return GGUFOutput(recipe=recipe, key=key, files=files, eval_digest=eval_digest)
+    return GGUFOutput(recipe=recipe, key=key, files=files, eval_digest=eval_digest, types=types or {})
 
 
 @dataclass(frozen=True)
@@ -410,7 +413,7 @@ def assemble_gguf(ctx: ReleaseContext, model: ModelConfig, recipe: str, plan: Pl
                   shards: Sequence[ShardResult]) -> GGUFOutput:
     """Write the GGUF (or its split files, above the config's per-file limit) of one recipe
     from the shard parts, streaming; reused when its content key is in the store."""
-    from qatgguf.convert import assemble
+    from qatgguf.convert import assemble, read_manifest
 
     store = ctx.store()
     with measure() as stats:
@@ -425,7 +428,8 @@ def assemble_gguf(ctx: ReleaseContext, model: ModelConfig, recipe: str, plan: Pl
         with scratch(f"{model.name}-{recipe}-asm-") as work:
             local = [_fetch(store, pr.ref, work / f"{i:05d}", stats) for i, pr in enumerate(parts)]
             files = assemble(p, local, work / "out" / name, split_max_size=ctx.split_max_size)
-            out = _store_output(store, key, "gguf", recipe, files, eval_digest)
+            types = Counter(t["type"] for part in local for t in read_manifest(part)["tensors"])
+            out = _store_output(store, key, "gguf", recipe, files, eval_digest, dict(sorted(types.items())))
             log.info("%s %s: %s (%d file(s), %d bytes)", model.name, recipe, name, len(files), out.size)
     return replace(out, stats=stats)
 
@@ -603,14 +607,18 @@ def merge_eval(ctx: ReleaseContext, *, model: str, recipe: str, ranges: Sequence
 
 
 def gate(ctx: ReleaseContext, *, model: str, recipe: str, result: dict, quant: GGUFOutput,
-         thresholds: GateConfig) -> dict:
+         thresholds: GateConfig, naive_result: dict | None = None, naive: GGUFOutput | None = None) -> dict:
     """Apply the release gate and store the decision beside the numbers (and the size of
-    the file they describe)."""
-    from qatgguf.evaluate import EvalResult, GateThresholds, apply_gate
+    the file they describe). With a naive baseline (`naive_result`, `naive`), the file
+    must also have a lower mean KLD than it and be no larger."""
+    from qatgguf.evaluate import EvalResult, GateThresholds, apply_gate, beats_baseline
 
     result = {**result, "quant_size": quant.size, "quant_sha256": quant.sha256}
     numbers = {k: v for k, v in result.items() if k in EvalResult.__dataclass_fields__}
     decision = apply_gate(EvalResult(**numbers), GateThresholds(**thresholds.model_dump()))
+    if naive_result is not None and naive is not None:
+        base = {k: v for k, v in naive_result.items() if k in EvalResult.__dataclass_fields__}
+        decision = beats_baseline(decision, EvalResult(**numbers), quant.size, EvalResult(**base), naive.size)
     data = {"model": model, "recipe": recipe, **decision.to_dict(), "thresholds": thresholds.model_dump(),
             "result": result}
     ctx.store().put_json(data, ctx.key(model, f"gate-{recipe}.json"))
@@ -629,6 +637,7 @@ def publish_model(
     *,
     mmproj: GGUFOutput | None = None,
     base: GGUFOutput | None = None,
+    variants: dict[str, dict] | None = None,
     tables: Sequence = (),
     token: str | None = None,
 ) -> dict:
@@ -636,12 +645,16 @@ def publish_model(
     KLD plot) and the repo manifest, in one commit; then put the repo in the family's
     collection.
 
-    Never publishes a file whose gate decision is missing or failed; a recipe that failed
-    keeps the file an earlier release published there. If none passed, nothing is
+    `files` are the model's publishable files and `gates` the decisions of every recipe
+    evaluated on it (the compare-only ones fill the card's naive-against-aligned table).
+    `variants` maps each variant checkpoint (`E2B-mobile`) to {"files": its publishable
+    files, "gates": its decisions}: they go into the same commit, and the card's mobile
+    table. Never publishes a file whose gate decision is missing or failed; a recipe that
+    failed keeps the file an earlier release published there. If none passed, nothing is
     published (no repo is created) and the result says why. `base` is the BF16 file (for
-    the size table; else the evaluation's recorded base size); `tables` extra `EvalTable`s
-    for the card (the mobile table). The KLD plot reads the per-token values of the
-    ranges each merged evaluation lists. Raises PublishError or ModelCardError."""
+    the size table); `tables` extra `EvalTable`s for the card. The KLD plot reads the
+    per-token values of the ranges each merged evaluation lists. Raises PublishError or
+    ModelCardError."""
     from qatgguf.hub import (
         CardData,
         CardPlot,
@@ -654,22 +667,26 @@ def publish_model(
         render_card,
     )
 
-    passed = [r for r, g in gates.items() if g.get("passed")]
-    failed = {r: g.get("reasons", ["no gate decision"]) for r, g in gates.items() if not g.get("passed")}
+    variants = variants or {}
+    candidates = [(r, files[r], gates.get(r, {})) for r in files]
+    candidates += [(r, v["files"][r], v["gates"].get(r, {})) for v in variants.values() for r in v["files"]]
+    passed = [(r, f) for r, f, g in candidates if g.get("passed")]
+    failed = {r: g.get("reasons", ["no gate decision"]) for r, _, g in candidates if not g.get("passed")}
     store = ctx.store()
     data = {"model": model.name, "repo": model.repo, "published": False, "files": [], "failed": failed}
     if not passed:
         store.put_json(data, ctx.key(model.name, "published.json"))
         return data
     pub = cfg.publish
-    aligned, naive = pub.aligned_recipe, pub.naive_recipe
-    labels = {r: quant_label(r) for r in gates}
-    primary = aligned if aligned in passed else passed[0]
+    naive = cfg.naive_recipe
+    aligned = next((r for r in files if r != naive), None)
+    labels = {r: quant_label(r) for r in {*gates, *(r for r, _, _ in candidates)}}
+    primary = aligned if any(r == aligned for r, _ in passed) else passed[0][0]
     with scratch(f"{model.name}-publish-") as work:
         upload_files: list[ReleaseFile] = []
         stats = StepStats()
-        for recipe in passed:
-            for ref in files[recipe].files:
+        for recipe, out in passed:
+            for ref in out.files:
                 upload_files.append(ReleaseFile(_fetch(store, ref, work, stats), recipe, "model", labels[recipe]))
         for ref in (mmproj.files if mmproj else ()):
             p = _fetch(store, ref, work, stats)
@@ -677,6 +694,8 @@ def publish_model(
         primary_file = next(f for f in upload_files if f.recipe == primary)
         run = content.run_info(read_model_facts(primary_file.path), context=pub.card_context)
         card_tables = [content.comparison_table(model.name, gates, labels, aligned=aligned, naive=naive)]
+        mobile = variant_table(model, variants, {f.path.name: f.path for f in upload_files})
+        card_tables += [mobile] if mobile else []
         card_tables += list(tables)
         assets: list[tuple[str, bytes]] = []
         plot = None
@@ -734,7 +753,7 @@ def publish_model(
         upload = ReleaseUpload(ctx.release_id, tuple(upload_files), card, tuple(assets))
         result_pub = publisher.publish(
             model.repo, upload,
-            commit_message=f"Release {ctx.release_id}: {', '.join(labels[r] for r in passed)}",
+            commit_message=f"Release {ctx.release_id}: {', '.join(labels[r] for r, _ in passed)}",
         )
         if collection is not None:
             collection = publisher.add_to_collection(collection, model.repo)
@@ -746,6 +765,29 @@ def publish_model(
     )
     store.put_json(data, ctx.key(model.name, "published.json"))
     return data
+
+
+def variant_table(model: ModelConfig, variants: dict[str, dict], local: dict[str, Path]):
+    """The card's mobile table: per variant, its first publishable file that passed (size,
+    TQ2_0 tensors) and that file's evaluation against the variant's own BF16; None when no
+    variant file is published."""
+    from qatgguf.evaluate.tables import MobileResult, mobile_table, tensor_types
+
+    columns = {}
+    for name, v in variants.items():
+        ok = [(r, f) for r, f in v["files"].items() if v["gates"].get(r, {}).get("passed")]
+        if not ok:
+            continue
+        recipe, out = ok[0]
+        tq2 = out.types.get("TQ2_0")
+        if tq2 is None:  # an output stored before its types were recorded: read the files
+            tq2 = tensor_types([local[ref.uri.rsplit("/", 1)[-1]] for ref in out.files])["TQ2_0"]
+        columns[name.replace(f"{model.name}-", f"{model.name} ", 1)] = MobileResult(
+            out.size, tq2, v["gates"][recipe]["result"])
+    if not columns:
+        return None
+    return mobile_table(columns, note="The mobile mixture checkpoints, evaluated against their own BF16: 2-bit "
+                                      "(TQ2_0) layers where the export put them on the ternary grid.")
 
 
 def _llama_cpp_commit() -> str:
@@ -877,3 +919,38 @@ def release_rows(summary: dict[str, dict]) -> list[dict]:
             })
     return rows
 
+
+
+def release_tables(cfg: ReleaseConfig, summary: dict[str, dict]) -> list:
+    """The release's two seed-shaped tables (`EvalTable`s): naive against aligned for
+    every model (the aligned file, then the naive baseline), and the mobile mixtures
+    (each variant's published file against its own BF16)."""
+    from qatgguf.evaluate.tables import MethodResult, MobileResult, comparison_rows, comparison_table, mobile_table
+
+    naive = cfg.naive_recipe
+    rows: list[dict[str, str]] = []
+    columns: dict[str, MobileResult] = {}
+    for m in cfg.models:
+        for ck in cfg.checkpoints(m):
+            s = summary.get(ck.name) or {}
+            gates = s.get("gates") or {}
+            publish = [r for r in cfg.publish_for(ck) if r in gates and r != naive]
+            if ck.name == m.name:
+                order = publish[:1] + ([naive] if naive in gates else [])
+                rows += comparison_rows(m.name, [
+                    MethodResult(quant_label(r), int(gates[r]["result"]["quant_size"]), gates[r]["result"],
+                                 passed=bool(gates[r]["passed"])) for r in order])
+            elif publish:
+                r = publish[0]
+                out = ((s.get("outputs") or {}).get("files") or {}).get(r) or {}
+                columns[ck.name.replace("-", " ", 1)] = MobileResult(
+                    int(gates[r]["result"]["quant_size"]), int((out.get("types") or {}).get("TQ2_0", 0)),
+                    gates[r]["result"])
+    tables = []
+    if rows:
+        tables.append(comparison_table(rows, note=f"Mean and 99.9% KLD and top-1 agreement against each model's "
+                                                  f"BF16; {quant_label(naive) if naive else ''} is the naive "
+                                                  "conversion (llama-quantize's choices)."))
+    if columns:
+        tables.append(mobile_table(columns))
+    return tables

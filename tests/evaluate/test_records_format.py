@@ -182,3 +182,20 @@ def test_gate() -> None:
         GateThresholds(min_same_top_p=95)
     with pytest.raises(ConfigError):
         GateThresholds(max_mean_kld=float("nan"))
+
+
+def test_an_aligned_file_must_beat_the_naive_one() -> None:
+    from qatgguf.evaluate.gate import beats_baseline
+    from qatgguf.evaluate.records import EvalResult
+
+    def result(mean_kld: float) -> EvalResult:
+        return EvalResult(**{**{f: 0.5 for f in EvalResult.__dataclass_fields__}, "mean_kld": mean_kld})
+
+    ok = apply_gate(result(0.001), GateThresholds(max_mean_kld=0.1))
+    assert beats_baseline(ok, result(0.001), 100, result(0.01), 120).passed
+    worse = beats_baseline(ok, result(0.02), 100, result(0.01), 120)
+    assert not worse.passed and any("mean_kld < naive" in r for r in worse.reasons)
+    larger = beats_baseline(ok, result(0.001), 121, result(0.01), 120)
+    assert not larger.passed and any("size <= naive: 121 is not <= the naive file's 120" in r for r in larger.reasons)
+    failed = apply_gate(result(0.5), GateThresholds(max_mean_kld=0.1))
+    assert not beats_baseline(failed, result(0.5), 100, result(0.9), 120).passed  # the thresholds still hold

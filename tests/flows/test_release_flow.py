@@ -52,11 +52,12 @@ def test_release_dense_and_moe(tmp_path, tiny_family, prefect_server, local_ray)
     for name, prefix in (("31B", "gemma-4-31B-it-qat"), ("26B-A4B", "gemma-4-26B-A4B-it-qat")):
         repo = hub / "qatgguf-tiny" / f"gemma-4-{name}-it-qat-GGUF"
         files = sorted(p.name for p in repo.iterdir())
-        assert f"{prefix}-Q4_0.gguf" in files and f"{prefix}-Q8_0.gguf" in files
+        # the aligned file is published; naive Q4_0 and Q8_0 are evaluated for the comparison only
         assert f"{prefix}-UD-Q4_K_XL.gguf" in files
+        assert f"{prefix}-Q4_0.gguf" not in files and f"{prefix}-Q8_0.gguf" not in files
         assert "mmproj-BF16.gguf" in files  # both sizes have a vision tower
         card = (repo / "README.md").read_text()
-        assert card.startswith("---") and "Q4_0" in card and "KLD" in card
+        assert card.startswith("---") and "Q4_0 (naive)" in card and "UD-Q4_K_XL (aligned)" in card
 
     # every artifact is in the store, with the gate decision beside the numbers
     manifest = json.loads(Path(result["manifest"].removeprefix("file://")).read_text())
@@ -112,3 +113,58 @@ def test_one_failing_model_does_not_stop_the_others(tmp_path, tiny_family, prefe
     assert all(t["declared"]["memory"] > 0 for t in ran if t["declared"])
     assert (tmp_path / "hub" / "qatgguf-tiny" / "gemma-4-31B-it-qat-GGUF" / "gemma-4-31B-it-qat-Q4_0.gguf").exists()
     assert not (tmp_path / "hub" / "qatgguf-tiny" / "gemma-4-12B-it-qat-GGUF").exists()
+
+
+def test_published_numbers_agree_with_llama_perplexity(tmp_path, tiny_family, prefect_server, local_ray,
+                                                       llama_tools):
+    """The release's numbers for a published file are llama-perplexity's, run here on the
+    published file and the release's BF16 (same context, chunks and batch)."""
+    from flows.release import release
+    from qatgguf.evaluate import default_corpus
+    from qatgguf.evaluate.reference import common_args, parse_kld_summary, run_tool
+    from qatgguf.store import open_store
+
+    state = release(config=str(_config(tmp_path)), models=["31B"], return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    gate = result["models"]["31B"]["gates"]["UD-Q4_K_XL"]
+    store = open_store(str(tmp_path / "store"))
+    files = result["models"]["31B"]["outputs"]["files"]
+    local = {r: store.get_file(files[r]["files"][0]["uri"], tmp_path / f"{r}.gguf") for r in ("bf16", "UD-Q4_K_XL")}
+    published = tmp_path / "hub" / "qatgguf-tiny" / "gemma-4-31B-it-qat-GGUF" / "gemma-4-31B-it-qat-UD-Q4_K_XL.gguf"
+    assert published.read_bytes() == local["UD-Q4_K_XL"].read_bytes()
+    raw = yaml.safe_load(Path(tmp_path / "release.yaml").read_text())["eval"]
+    common = common_args(ctx=raw["ctx"], batch=2048, ubatch=512, flash_attn="auto", threads=1)
+    tool = llama_tools["llama-perplexity"]
+    run_tool(tool, ["-m", str(local["bf16"]), "-f", str(default_corpus()), "--chunks", str(raw["chunks"]), *common,
+                    "--kl-divergence-base", str(tmp_path / "base.kld")], must_contain="Final estimate")
+    t = parse_kld_summary(run_tool(tool, ["-m", str(published), *common, "--kl-divergence-base",
+                                          str(tmp_path / "base.kld"), "--kl-divergence"], must_contain="Same top p:"))
+    ours = gate["result"]
+    assert ours["ppl_quant"] == pytest.approx(t["ppl_quant"], rel=1e-3)
+    assert ours["mean_kld"] == pytest.approx(t["mean_kld"], rel=1e-2, abs=2e-6)
+    assert ours["kld_99_9"] == pytest.approx(t["kld_99_9"], rel=1e-2, abs=2e-6)
+    assert abs(ours["same_top_p"] - t["same_top_p"]) * 100 <= 0.05
+
+
+def test_files_above_the_limit_are_published_split(tmp_path, tiny_family, prefect_server, local_ray):
+    """A per-file limit below the file size: the GGUFs are written as gguf-split parts,
+    published under gguf-split names, and llama.cpp loads the model from the first part
+    (the release evaluated it that way)."""
+    from flows.release import release
+
+    cfg = _config(tmp_path, publish={"target": "local", "local_root": str(tmp_path / "hub"),
+                                     "split_max_size": "1M"})
+    state = release(config=str(cfg), models=["31B"], return_state=True)
+    assert state.is_completed(), state.message
+    repo = tmp_path / "hub" / "qatgguf-tiny" / "gemma-4-31B-it-qat-GGUF"
+    parts = sorted(p.name for p in repo.glob("gemma-4-31B-it-qat-UD-Q4_K_XL-*-of-*.gguf"))
+    assert len(parts) >= 2 and parts[0].endswith(f"-00001-of-{len(parts):05d}.gguf")
+    assert all(p.stat().st_size <= 1_000_000 + 64 * 1024 for p in repo.glob("*-of-*.gguf"))
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(repo / parts[0]), n_ctx=64, verbose=False)
+    assert llm.n_vocab() > 1000
+    gate = state.result()["models"]["31B"]["gates"]["UD-Q4_K_XL"]
+    assert gate["passed"] and gate["result"]["quant_size"] == sum(p.stat().st_size for p in repo.glob(
+        "gemma-4-31B-it-qat-UD-Q4_K_XL-*.gguf"))

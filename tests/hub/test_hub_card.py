@@ -10,7 +10,8 @@ from servers.fakehub import RunningHub
 
 from qatgguf.errors import ModelCardError
 from qatgguf.hub import CardData, CardFile, CardPlot, EvalTable, RunInfo, Sampling, render_card
-from qatgguf.hub.card import check_card, hf_quant_matches, kld_table
+from qatgguf.evaluate.tables import MethodResult, comparison_rows, comparison_table
+from qatgguf.hub.card import check_card, hf_quant_matches
 
 REPO = "acme/gemma-4-e2b-it-qat-GGUF"
 RUN = RunInfo(
@@ -33,12 +34,12 @@ def _card(**overrides: object) -> CardData:
             CardFile("mmproj-BF16.gguf", 420_000_000, "BF16", kind="mmproj", release="r2"),
         ),
         tables=(
-            kld_table("Naive against aligned", [
-                {"model": "E2B", "method": "UD-Q4_K_XL (aligned)", "size": 2_620_000_000,
-                 "kld_99_9": 0.0557, "mean_kld": 0.00173, "same_top_p": 0.9816},
-                {"model": "E2B", "method": "Q4_0 (naive)", "size": 3_350_000_000,
-                 "kld_99_9": 1.0513, "mean_kld": 0.05109, "same_top_p": 0.8929, "passed": False},
-            ]),
+            comparison_table(comparison_rows("E2B", [
+                MethodResult("UD-Q4_K_XL (aligned)", 2_620_000_000,
+                             {"kld_99_9": 0.0557, "mean_kld": 0.00173, "same_top_p": 0.9816}),
+                MethodResult("Q4_0 (naive)", 3_350_000_000,
+                             {"kld_99_9": 1.0513, "mean_kld": 0.05109, "same_top_p": 0.8929}, passed=False),
+            ])),
         ),
         tags=("gemma4", "qat"),
         primary_quant="UD-Q4_K_XL",
@@ -81,8 +82,8 @@ def test_values_come_from_the_data() -> None:
     assert "    --temp 1.0 --top-p 0.95 --top-k 64 --ctx-size 32768" in lines
     assert f'hf download {REPO} --include "*UD-Q4_K_XL*" "*mmproj-BF16*" \\' in lines
     assert f"llama-server -hf {REPO}:UD-Q4_K_XL --chat-template-kwargs '{{\"enable_thinking\":false}}'" in lines
-    assert "| E2B | UD-Q4_K_XL (aligned) | 2.62 | 0.0557 | 0.00173 | 98.16 |" in lines
-    assert "| E2B | Q4_0 (naive) (failed the gate) | 3.35 | 1.0513 | 0.05109 | 89.29 |" in lines
+    assert "| E2B | UD-Q4_K_XL (aligned) | 2.62 GB | 0.0557 | 0.00173 | 98.16 |" in lines
+    assert "| E2B | Q4_0 (naive) (failed the gate) | 3.35 GB | 1.0513 | 0.05109 | 89.29 |" in lines
     assert any("`gemma-4-e2b-it-qat-Q4_0.gguf`" in x and "| r1 (kept: release r2" in x for x in lines)
     assert "Part of the [Gemma 4 QAT](https://huggingface.co/collections/acme/gemma-4-qat-0123) collection." in lines
     assert "\n\n\n" not in text
@@ -130,8 +131,8 @@ def test_bad_card_data_is_refused() -> None:
     with pytest.raises(ModelCardError, match="breaks the Markdown table"):
         EvalTable("t", ("a",), (("x|y",),))
     with pytest.raises(ModelCardError, match="mean_kld=nan"):
-        kld_table("t", [{"model": "E2B", "method": "m", "size": 1, "kld_99_9": 0.1,
-                         "mean_kld": float("nan"), "same_top_p": 0.9}])
+        comparison_rows("E2B", [MethodResult("m", 1, {"kld_99_9": 0.1, "mean_kld": float("nan"),
+                                                      "same_top_p": 0.9})])
     with pytest.raises(ModelCardError, match="context 999999 must be in"):
         RunInfo(max_context=1024, context=999999, kv_cache=(), kv_formula="")
     with pytest.raises(ModelCardError, match="lacks 'base_model'"):

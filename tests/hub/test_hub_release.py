@@ -13,7 +13,8 @@ from servers.fakehub import RunningHub
 
 from qatgguf import release as core
 from qatgguf.config import GateConfig, parse_release_config
-from qatgguf.hub import MANIFEST_PATH, EvalTable, mobile_table
+from qatgguf.evaluate.tables import fixed
+from qatgguf.hub import MANIFEST_PATH, EvalTable
 from qatgguf.hub.facts import read_model_facts
 
 pytestmark = pytest.mark.slow
@@ -53,14 +54,29 @@ def e2b(tmp_path_factory, tiny_family):
     parts = [core.quantize_shard(ctx, model.name, plan.plans, i) for i in range(plan.n_shards)]
     files = {r: core.assemble_gguf(ctx, model, r, plan.plans[r], parts) for r in ("bf16", *RECIPES)}
     mmproj = core.mmproj_model(ctx, model, plan.mmproj)
+    results = _evaluate(ctx, model.name, files, RECIPES, settings)
+    # the mobile variant: UD-Q2_K_XL against the mobile checkpoint's own BF16
+    mobile = model.model_copy(update={"name": "E2B-mobile", "source": str(tiny_family["E2B-mobile"])})
+    mplan = core.plan_model(ctx, mobile, ("bf16", "UD-Q2_K_XL"), source=mobile.source, base_recipe="bf16",
+                            settings=settings, n_parts=2)
+    mparts = [core.quantize_shard(ctx, mobile.name, mplan.plans, i) for i in range(mplan.n_shards)]
+    mfiles = {r: core.assemble_gguf(ctx, mobile, r, mplan.plans[r], mparts) for r in ("bf16", "UD-Q2_K_XL")}
+    mresults = _evaluate(ctx, mobile.name, mfiles, ("UD-Q2_K_XL",), settings)
+    mgate = core.gate(ctx, model=mobile.name, recipe="UD-Q2_K_XL", result=mresults["UD-Q2_K_XL"],
+                      quant=mfiles["UD-Q2_K_XL"], thresholds=cfg.gate)
+    variants = {"E2B-mobile": {"files": {"UD-Q2_K_XL": mfiles["UD-Q2_K_XL"]}, "gates": {"UD-Q2_K_XL": mgate}}}
+    return root, cfg, model, files, mmproj, results, variants
+
+
+def _evaluate(ctx, name, files, recipes, settings) -> dict:
     records = core.base_records(ctx, files["bf16"], settings)
     results = {}
-    for r in RECIPES:
-        ranges = [core.eval_range(ctx, model=model.name, recipe=r, quant=files[r], records=records, part=i,
+    for r in recipes:
+        ranges = [core.eval_range(ctx, model=name, recipe=r, quant=files[r], records=records, part=i,
                                   n_parts=2, settings=settings) for i in range(2)]
-        results[r] = core.merge_eval(ctx, model=model.name, recipe=r, ranges=ranges, quant=files[r],
+        results[r] = core.merge_eval(ctx, model=name, recipe=r, ranges=ranges, quant=files[r],
                                      records=records, n_parts=2)
-    return root, cfg, model, files, mmproj, results
+    return results
 
 
 def _gates(ctx, cfg, model, files, results, *, strict: set[str] = frozenset()) -> dict[str, dict]:
@@ -79,21 +95,15 @@ def _hub_cfg(cfg, hub: RunningHub):
 def test_publish_release_card_plot_manifest_then_keep_failed_recipe(
     e2b, fake_hub: RunningHub, tmp_path: Path
 ) -> None:
-    _root, cfg, model, files, mmproj, results = e2b
+    _root, cfg, model, files, mmproj, results, variants = e2b
     cfg = _hub_cfg(cfg, fake_hub)
     ctx = core.ReleaseContext(cfg.family, "r1", cfg.store.url)
     gates = _gates(ctx, cfg, model, files, results)
     assert all(g["passed"] for g in gates.values()), gates
-    # The mobile rows are test data here: the release does not build a mobile mixture yet.
-    mobile = mobile_table(
-        ["E2B mobile"],
-        [{"size": 2_190_000_000, "tq2_0_tensors": 61, "tq2_0_note": "incl. deep MLP",
-          "mean_kld": 0.00409, "same_top_p": 0.9782, "ppl_base": 103.0}],
-        note="Illustrative values.",
-    )
+    assert variants["E2B-mobile"]["gates"]["UD-Q2_K_XL"]["passed"]
     out = core.publish_model(
         ctx, cfg, model, {r: files[r] for r in RECIPES}, gates, mmproj=mmproj,
-        base=files["bf16"], tables=(mobile,), token=fake_hub.token,
+        base=files["bf16"], variants=variants, token=fake_hub.token,
     )
     assert out["published"] and out["committed"] and out["attempts"] == 1
     hub = fake_hub.hub
@@ -102,8 +112,9 @@ def test_publish_release_card_plot_manifest_then_keep_failed_recipe(
     api = HfApi(endpoint=fake_hub.url, token=fake_hub.token)
     names = sorted(api.list_repo_files(REPO))
     quant = {r: files[r].files[0].uri.rsplit("/", 1)[-1] for r in RECIPES}
+    mobile_file = variants["E2B-mobile"]["files"]["UD-Q2_K_XL"].files[0].uri.rsplit("/", 1)[-1]
     assert names == sorted([".gitattributes", "README.md", MANIFEST_PATH, "kld-per-token.png",
-                            "mmproj-BF16.gguf", *quant.values()])
+                            "mmproj-BF16.gguf", *quant.values(), mobile_file])
     card = hub.files(REPO)["README.md"].content.decode()
     (tmp_path / "README-E2B.md").write_text(card)  # kept for the report
     parsed = ModelCard(card)
@@ -133,12 +144,12 @@ def test_publish_release_card_plot_manifest_then_keep_failed_recipe(
     assert f"KV cache alone: {kv / 1e6:.2f} MB at 4096 tokens" in card
     res = results["UD-Q4_K_XL"]
     row = next(line for line in card.splitlines() if line.startswith("| E2B | UD-Q4_K_XL (aligned) |"))
-    from qatgguf.hub.card import _metric
-
-    assert (f"| {_metric(res['kld_99_9'], 4)} | {_metric(res['mean_kld'], 5)} | "
+    assert (f"| {fixed(res['kld_99_9'], 4)} | {fixed(res['mean_kld'], 5)} | "
             f"{100 * res['same_top_p']:.2f} |") in row
     assert "| E2B | Q4_0 (naive) |" in card
-    assert "### Mobile mixture" in card and "| 2-bit (TQ2_0) tensors | 61 (incl. deep MLP) |" in card
+    mres = variants["E2B-mobile"]["gates"]["UD-Q2_K_XL"]["result"]
+    assert "### Mobile mixture" in card and "| 2-bit (TQ2_0) tensors | 16 |" in card  # the real mobile E2B
+    assert f"| Mean KLD vs BF16 | {fixed(mres['mean_kld'], 5)} |" in card
     assert f"sha256 `{res['corpus_sha256']}`" in card
     assert f"Context: 128 tokens, {res['n_chunks']} chunks, {res['n_tokens']} scored tokens" in card
     assert "![Per-token KLD" in card and "(kld-per-token.png)" in card

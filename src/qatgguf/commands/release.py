@@ -54,17 +54,20 @@ def run(args: argparse.Namespace) -> int:
         for r in result["rows"]:
             print(f"{r['model']:<10} {r['method']:<12} {r['size_MB']:>9.3f} {r['mean_KLD']:>10.5f} "
                   f"{r['KLD_99.9%']:>10.4f} {r['top1_%']:>8.2f} {r['PPL']:>9.3f}  {r['gate']}")
+    for table in (result or {}).get("tables", []):
+        print()
+        print(f"{table['title']}:")
+        print(table["markdown"], end="")
     print()
     print(f"Prefect UI:      {ui}  (flow runs: {ui}/runs)")
     print(f"Release folder:  {_store_path(cfg.store.url)}/releases/{cfg.family}/{release_id}")
     if result:
         print(f"Manifest:        {result['manifest']}")
         for name, s in result["models"].items():
-            pub = s.get("published") or {}
             if s["status"] == "failed":
                 where = f"FAILED: {s['error']}"
-            elif pub.get("published"):
-                where = _hub_path(cfg, pub["repo"])
+            elif s["status"] == "published":
+                where = _hub_path(cfg, s["repo"]) + (f" (with {s['model']})" if s.get("model", name) != name else "")
             else:
                 where = "NOT PUBLISHED (gate failed)"
             print(f"Published {name:<8} {where}")
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 def _from_manifest(cfg, release_id: str) -> dict | None:
     """The summary of a failed release, from its manifest (always written)."""
     from qatgguf.errors import StoreError
-    from qatgguf.release import release_rows
+    from qatgguf.release import release_rows, release_tables
     from qatgguf.store import open_store
 
     store = open_store(cfg.resolved(Path.cwd()).store.url, endpoint_url=cfg.store.endpoint_url)
@@ -95,6 +98,8 @@ def _from_manifest(cfg, release_id: str) -> dict | None:
         return None
     models = manifest["models"]
     return {"release_id": release_id, "manifest": ref.uri, "rows": release_rows(models), "models": models,
+            "tables": [{"title": t.title, "markdown": t.markdown()}
+                       for t in release_tables(cfg.resolved(Path.cwd()), models)],
             "gate_failed": [f"{m}/{r}" for m, s in models.items() for r, g in s["gates"].items() if not g["passed"]],
             "failed": [f"{m}: {s['error']}" for m, s in models.items() if s["status"] == "failed"]}
 

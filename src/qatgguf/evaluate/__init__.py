@@ -6,7 +6,7 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-from qatgguf.evaluate.gate import GateDecision, GateThresholds, apply_gate
+from qatgguf.evaluate.gate import GateDecision, GateThresholds, apply_gate, beats_baseline
 from qatgguf.evaluate.records import (
     BaseRecords,
     ChunkStats,
@@ -39,6 +39,7 @@ __all__ = [
     "RecordKey",
     "RunnerSettings",
     "apply_gate",
+    "beats_baseline",
     "compute_base_records",
     "count_chunks",
     "default_corpus",

@@ -71,3 +71,20 @@ def apply_gate(result: EvalResult, thresholds: GateThresholds) -> GateDecision:
         if not ok:
             reasons.append(f"{metric} = {value:.6g}, limit {op} {limit:g}")
     return GateDecision(passed=not reasons, reasons=tuple(reasons), checks=tuple(checks))
+
+
+def beats_baseline(decision: GateDecision, result: EvalResult, size: int, baseline: EvalResult,
+                   baseline_size: int) -> GateDecision:
+    """`decision` with the aligned-file rule added: a lower mean KLD than the naive
+    baseline's and a file no larger than it (the reason to publish it instead)."""
+    checks = [
+        ("mean_kld < naive", float(result.mean_kld), "<", float(baseline.mean_kld),
+         bool(result.mean_kld < baseline.mean_kld)),
+        ("size <= naive", float(size), "<=", float(baseline_size), bool(size <= baseline_size)),
+    ]
+    reasons = list(decision.reasons)
+    for metric, value, op, limit, ok in checks:
+        if not ok:
+            reasons.append(f"{metric}: {value:.6g} is not {op} the naive file's {limit:.6g}")
+    return GateDecision(passed=decision.passed and all(c[4] for c in checks), reasons=tuple(reasons),
+                        checks=decision.checks + tuple(checks))

@@ -22,14 +22,12 @@ from qatgguf.hub.card import (
     CardFile,
     CardPlot,
     EvalMethod,
-    EvalTable,
     RunInfo,
     Sampling,
     check_card,
-    kld_table,
-    mobile_table,
     render_card,
 )
+from qatgguf.evaluate.tables import EvalTable
 from qatgguf.hub.facts import ModelFacts, read_model_facts
 from qatgguf.hub.local import LocalHubPublisher
 from qatgguf.hub.manifest import (
@@ -65,8 +63,6 @@ __all__ = [
     "RunInfo",
     "Sampling",
     "check_card",
-    "kld_table",
-    "mobile_table",
     "open_publisher",
     "plan_files",
     "read_model_facts",

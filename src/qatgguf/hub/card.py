@@ -11,7 +11,6 @@ order match what the Hub writes itself) and the rendered card is parsed back wit
 
 from __future__ import annotations
 
-import math
 import re
 import shlex
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ import jinja2
 from huggingface_hub import ModelCard, ModelCardData
 
 from qatgguf.errors import ModelCardError
+from qatgguf.evaluate.tables import EvalTable
 
 TEMPLATE = "model_card.md.j2"
 REQUIRED_TAGS = ("gguf", "llama.cpp")
@@ -51,45 +51,6 @@ class CardFile:
     sha256: str | None = None
     release: str | None = None
     note: str = ""
-
-
-@dataclass(frozen=True)
-class EvalTable:
-    """A table of results, rendered as given: `rows` hold the cells as text (the caller
-    formats the numbers), one per column. `align` is "l" or "r" per column (default:
-    the first left, the rest right)."""
-
-    title: str
-    columns: tuple[str, ...]
-    rows: tuple[tuple[str, ...], ...]
-    note: str = ""
-    align: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "columns", tuple(self.columns))
-        object.__setattr__(self, "rows", tuple(tuple(str(c) for c in r) for r in self.rows))
-        align = tuple(self.align) or ("l",) + ("r",) * (len(self.columns) - 1)
-        object.__setattr__(self, "align", align)
-        where = f"table {self.title!r}"
-        if not self.columns:
-            raise ModelCardError(f"{where}: no columns")
-        if len(align) != len(self.columns) or set(align) - {"l", "r"}:
-            raise ModelCardError(f"{where}: align needs one 'l' or 'r' per column; got {align}")
-        for i, row in enumerate(self.rows):
-            if len(row) != len(self.columns):
-                raise ModelCardError(
-                    f"{where}: row {i} has {len(row)} cells for {len(self.columns)} columns"
-                )
-            for cell in (*row, *self.columns):
-                if "\n" in cell or "|" in cell:
-                    raise ModelCardError(
-                        f"{where}: cell {cell!r} holds a newline or '|', which breaks the "
-                        "Markdown table; reword it"
-                    )
-
-    @property
-    def separator(self) -> str:
-        return "|" + "|".join("---:" if a == "r" else "---" for a in self.align) + "|"
 
 
 @dataclass(frozen=True)
@@ -491,80 +452,3 @@ def check_card(text: str, *, expect: dict[str, Any] | None = None) -> ModelCard:
             f"({data!r} != {expect!r}); check the template's front matter block"
         )
     return parsed
-
-
-def _metric(value: float, decimals: int) -> str:
-    """Fixed decimals as the seed's table prints them; values too small to show that way
-    (tiny test models) in scientific notation rather than as zeros."""
-    if value == 0 or abs(value) >= 10 ** (1 - decimals):
-        return f"{value:.{decimals}f}"
-    return f"{value:.2e}"
-
-
-def kld_table(
-    title: str,
-    rows: Sequence[dict[str, Any]],
-    *,
-    note: str = "",
-) -> EvalTable:
-    """The seed-shaped table of naive against aligned files: one row per evaluated file.
-
-    Each row dict holds `model`, `method`, `size` (bytes), `kld_99_9`, `mean_kld`,
-    `same_top_p` (a fraction, as llama-perplexity's "Same top p") and optionally
-    `passed` (False marks a file that failed the gate). Raises ModelCardError on
-    non-finite numbers.
-    """
-    cells = []
-    for r in rows:
-        for key in ("kld_99_9", "mean_kld", "same_top_p"):
-            if not math.isfinite(float(r[key])):
-                raise ModelCardError(
-                    f"table {title!r}: {r['model']} {r['method']} has {key}={r[key]}; "
-                    "metrics must be finite"
-                )
-        method = r["method"] + (" (failed the gate)" if r.get("passed") is False else "")
-        cells.append(
-            (
-                r["model"],
-                method,
-                f"{r['size'] / 1e9:.2f}" if r["size"] >= 1e7 else f"{r['size'] / 1e9:.4f}",
-                _metric(float(r["kld_99_9"]), 4),
-                _metric(float(r["mean_kld"]), 5),
-                f"{100.0 * float(r['same_top_p']):.2f}",
-            )
-        )
-    return EvalTable(
-        title=title,
-        columns=("Model", "Method", "Disk (GB)", "99.9% KLD", "Mean KLD", "Top-1 %"),
-        rows=tuple(cells),
-        note=note,
-        align=("l", "l", "r", "r", "r", "r"),
-    )
-
-
-def mobile_table(columns: Sequence[str], rows: Sequence[dict[str, Any]], *, note: str = "") -> EvalTable:
-    """The mobile-variant table, one column per variant (as the seed shows it): rows are
-    Size, 2-bit (TQ2_0) tensors, Mean KLD vs BF16, Top-1 %, Base PPL, filled from each
-    variant's dict (`size` bytes, `tq2_0_tensors`, `tq2_0_note`, `mean_kld`,
-    `same_top_p` fraction, `ppl_base`)."""
-    if len(columns) != len(rows):
-        raise ModelCardError(
-            f"mobile table: {len(columns)} variant names for {len(rows)} variants"
-        )
-
-    def tq(r: dict[str, Any]) -> str:
-        return f"{r['tq2_0_tensors']}" + (f" ({r['tq2_0_note']})" if r.get("tq2_0_note") else "")
-
-    lines = (
-        ("Size", [human_size(int(r["size"])) for r in rows]),
-        ("2-bit (TQ2_0) tensors", [tq(r) for r in rows]),
-        ("Mean KLD vs BF16", [f"{float(r['mean_kld']):.5f}" for r in rows]),
-        ("Top-1 %", [f"{100.0 * float(r['same_top_p']):.2f}%" for r in rows]),
-        ("Base PPL", [f"{float(r['ppl_base']):.1f}" for r in rows]),
-    )
-    return EvalTable(
-        title="Mobile mixture",
-        columns=("", *columns),
-        rows=tuple((label, *values) for label, values in lines),
-        note=note,
-    )

@@ -10,7 +10,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qatgguf.errors import ModelCardError
-from qatgguf.hub.card import CardFile, EvalMethod, EvalTable, RunInfo, Sampling, kld_table
+from qatgguf.evaluate.tables import EvalTable, MethodResult, comparison_rows
+from qatgguf.evaluate.tables import comparison_table as _table
+from qatgguf.hub.card import CardFile, EvalMethod, RunInfo, Sampling
 from qatgguf.hub.facts import ModelFacts
 from qatgguf.hub.manifest import Manifest
 
@@ -62,20 +64,10 @@ def comparison_table(
     """The naive-against-aligned table of one model: one row per evaluated recipe, the
     aligned first, then the naive, then the rest; failed gates are marked."""
     order = [r for r in (aligned, naive) if r in gates] + [r for r in gates if r not in (aligned, naive)]
-    rows = []
-    for r in order:
-        res = gates[r]["result"]
-        rows.append(
-            {
-                "model": model,
-                "method": method_label(r, labels[r], aligned=aligned, naive=naive),
-                "size": int(res["quant_size"]),
-                "kld_99_9": res["kld_99_9"],
-                "mean_kld": res["mean_kld"],
-                "same_top_p": res["same_top_p"],
-                "passed": bool(gates[r].get("passed")),
-            }
-        )
+    rows = comparison_rows(model, [
+        MethodResult(method_label(r, labels[r], aligned=aligned, naive=naive), int(gates[r]["result"]["quant_size"]),
+                     gates[r]["result"], passed=bool(gates[r].get("passed")))
+        for r in order])
     note = (
         "KL divergence of each file's next-token distributions against the BF16 GGUF of the "
         "same QAT checkpoint (lower is better), and the share of tokens whose most likely "
@@ -87,7 +79,7 @@ def comparison_table(
             f"file; *aligned*: {labels[aligned]}, with the tensors kept on the grid the "
             "model was trained on."
         )
-    return kld_table("Naive against aligned", rows, note=note)
+    return _table(rows, note=note)
 
 
 def eval_method(
