@@ -394,6 +394,20 @@ def plan_model(ctx: ReleaseContext, model: ModelConfig, recipes: Sequence[str], 
                      eval_done=eval_done, stats=stats)
 
 
+def split_limit(plan, max_file: int | None) -> int | None:
+    """The tensor bytes per split file that keep every file within `max_file` bytes: the
+    splitting rule counts tensor data only (as llama.cpp's --split-max-size does), and
+    the first file also carries the whole metadata (the tokenizer is megabytes)."""
+    if max_file is None:
+        return None
+    from qatgguf.gguf.writer import header_nbytes
+
+    reserve = header_nbytes(plan.kvs, plan.tensor_infos())
+    if reserve >= max_file:
+        raise ConfigError(f"publish.split_max_size {max_file} is below the GGUF header's {reserve} bytes; raise it")
+    return max_file - reserve
+
+
 def gguf_name(model: ModelConfig, recipe: str) -> str:
     return f"{model.file_prefix}-{quant_label(recipe)}.gguf"
 
@@ -427,7 +441,7 @@ def assemble_gguf(ctx: ReleaseContext, model: ModelConfig, recipe: str, plan: Pl
             return replace(found, stats=stats)
         with scratch(f"{model.name}-{recipe}-asm-") as work:
             local = [_fetch(store, pr.ref, work / f"{i:05d}", stats) for i, pr in enumerate(parts)]
-            files = assemble(p, local, work / "out" / name, split_max_size=ctx.split_max_size)
+            files = assemble(p, local, work / "out" / name, split_max_size=split_limit(p, ctx.split_max_size))
             types = Counter(t["type"] for part in local for t in read_manifest(part)["tensors"])
             out = _store_output(store, key, "gguf", recipe, files, eval_digest, dict(sorted(types.items())))
             log.info("%s %s: %s (%d file(s), %d bytes)", model.name, recipe, name, len(files), out.size)

@@ -97,7 +97,7 @@ def test_one_failing_model_does_not_stop_the_others(tmp_path, tiny_family, prefe
     for m in raw["models"]:
         if m["name"] == "12B":
             m["source"] = str(broken)
-    cfg_path = _config(tmp_path, models=raw["models"], recipes=["q4_0"])
+    cfg_path = _config(tmp_path, models=raw["models"], recipes=["q4_0"], publish_recipes=["q4_0"])
     state: State = release(config=str(cfg_path), models=["12B", "31B"], return_state=True)
     assert state.is_failed()
     assert f"quantize-12B-shard-1: NonFiniteError: " in state.message and "12B" in state.message
@@ -154,13 +154,13 @@ def test_files_above_the_limit_are_published_split(tmp_path, tiny_family, prefec
     from flows.release import release
 
     cfg = _config(tmp_path, publish={"target": "local", "local_root": str(tmp_path / "hub"),
-                                     "split_max_size": "1M"})
+                                     "split_max_size": "2M"})
     state = release(config=str(cfg), models=["31B"], return_state=True)
     assert state.is_completed(), state.message
     repo = tmp_path / "hub" / "qatgguf-tiny" / "gemma-4-31B-it-qat-GGUF"
     parts = sorted(p.name for p in repo.glob("gemma-4-31B-it-qat-UD-Q4_K_XL-*-of-*.gguf"))
     assert len(parts) >= 2 and parts[0].endswith(f"-00001-of-{len(parts):05d}.gguf")
-    assert all(p.stat().st_size <= 1_000_000 + 64 * 1024 for p in repo.glob("*-of-*.gguf"))
+    assert all(p.stat().st_size <= 2_000_000 for p in repo.glob("*-of-*.gguf"))  # the limit holds per file
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(repo / parts[0]), n_ctx=64, verbose=False)

@@ -9,6 +9,7 @@ gguf-py `GGUFWriter.add_shard_kv_data`, `SHARD_NAME_FORMAT`).
 
 from __future__ import annotations
 
+import io
 import re
 import struct
 from dataclasses import dataclass
@@ -216,6 +217,13 @@ def parse_size(text: str | int) -> int:
         raise ValueError(f"split size {text!r} is not a number with an optional K, M, G or T suffix")
     mult = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}[m.group(2).upper()]
     return int(float(m.group(1)) * mult)
+
+
+def header_nbytes(kvs: Sequence[KV], tensors: Sequence[TensorInfo]) -> int:
+    """Bytes of a GGUF header (key/values and tensor infos, padded) for these entries."""
+    buf = io.BytesIO()
+    GGUFFileWriter(buf, kvs, tensors).write_header()
+    return buf.tell()
 
 
 def split_tensors(tensors: Sequence[TensorInfo], max_size: int | None) -> list[list[TensorInfo]]:
