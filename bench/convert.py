@@ -43,8 +43,14 @@ def _tokenizer(out: Path, vocab: int) -> None:
 
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>"]
     pieces = specials + [f"<0x{i:02X}>" for i in range(256)]
+    # printable ASCII and "▁", then merged pairs (llama.cpp's BPE vocab needs merges):
+    # "▁" + letter and letter + letter; the rest of the vocabulary is filler pieces
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces += ["▁"] + [chr(c) for c in range(0x21, 0x7F)]
+    merges = [("▁", c) for c in letters] + [(a, b) for a in letters for b in letters]
+    pieces += [a + b for a, b in merges]
     pieces += [f"▁w{i}" for i in range(vocab - len(pieces))]
-    tok = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[], unk_token="<unk>",
+    tok = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=merges, unk_token="<unk>",
                                byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
