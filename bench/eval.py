@@ -168,8 +168,13 @@ def main() -> int:
     from qatgguf.evaluate.records import EvalResult
 
     ours_sum = parse_kld_summary(EvalResult(**res).format_table())
-    same = all(ours_sum[k] == tool_sum[k] for k in tool_sum)
-    print(f"every printed summary number equal: {'yes' if same else 'NO'}")
+    differ = [k for k in tool_sum if ours_sum[k] != tool_sum[k]]
+    print(
+        f"every printed summary number equal: {'yes' if not differ else 'NO'}"
+        + "".join(
+            f"\n  {k}: llama-perplexity {tool_sum[k]!r}, ours {ours_sum[k]!r}" for k in differ
+        )
+    )
     print(f"{'statistic':<14}{'llama-perplexity':>18}{'qatgguf':>18}")
     for name in COMPARED:
         scale = 100.0 if name.startswith("dp_") or name == "same_top_p" else 1.0

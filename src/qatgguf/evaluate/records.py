@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import mmap
 import os
 import struct
 import tempfile
@@ -54,8 +55,17 @@ def sha256_file(path: Path, *, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
-            while b := f.read(chunk):
-                h.update(b)
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return h.hexdigest()
+            # hashed from a memory map: no copy of the (multi-GB) file through a buffer
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                view = memoryview(m)
+                try:
+                    for o in range(0, size, chunk):
+                        h.update(view[o : o + chunk])
+                finally:
+                    view.release()
     except OSError as exc:
         raise EvaluationError(
             f"{path}: file not found or unreadable ({exc.strerror}); check the path"
