@@ -13,8 +13,8 @@ with the same -c/-b/-ub/-fa/-t and corpus:
   llama-perplexity: the base pass (`--kl-divergence-base`), then the KLD pass, two processes
   ours:             `qatgguf eval --base B --quant Q ... --json`, one process, both passes
 
-and times each from process start to exit. The sides take turns; each figure is the best
-round. Throughput is corpus tokens (chunks x ctx, both passes) per second; the ratio is
+and times each from process start to exit, both with OMP_WAIT_POLICY=passive (what our
+runner sets for itself). The sides take turns; each figure is the best round. Throughput is corpus tokens (chunks x ctx, both passes) per second; the ratio is
 llama-perplexity's time over ours. The two summaries are compared at the tool's printed
 precision (every number of its KLD summary; Δp and same top p in percent).
 """
@@ -80,6 +80,9 @@ def timed(fn) -> tuple[float, object]:
 
 
 def main() -> int:
+    # our runner sets libgomp's passive wait policy for itself (see evaluate/runner.py);
+    # the tool gets the same, so both sides run llama.cpp's threads alike on a busy host
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qatgguf-bench-eval"))
     ap.add_argument("--size", default="e4b", help="widths from bench/convert.py SIZES")

@@ -353,6 +353,9 @@ class _RecordWriter:
         self.indices: list[np.ndarray] = []
         self.val_len: list[int] = []
         self.idx_len: list[int] = []
+        self._q: np.ndarray | None = None  # add_logits' scratch: codes, kept pairs
+        self._idx: np.ndarray | None = None
+        self._val: np.ndarray | None = None
 
     def add_rows(self, rec: QuantizedLogProbs, targets: np.ndarray) -> None:
         n = len(targets)
@@ -390,10 +393,14 @@ class _RecordWriter:
         min_lp = np.empty(n, np.float32)
         target_q = np.empty(n, np.uint16)
         kept = np.empty(n, np.int64)
-        q = np.empty((n, self.n_vocab), np.uint16)
-        cap = self.n_vocab // 3 + 1  # a row stored as pairs keeps fewer than a third
-        idx = np.empty((n, cap), np.uint32)
-        val = np.empty((n, cap), np.uint16)
+        if self._q is None or len(self._q) < n:
+            # reused from block to block: fresh pages of a 64-row block cost more to
+            # fault in than the kernel spends on it
+            cap = self.n_vocab // 3 + 1  # a row stored as pairs keeps fewer than a third
+            self._q = np.empty((n, self.n_vocab), np.uint16)
+            self._idx = np.empty((n, cap), np.uint32)
+            self._val = np.empty((n, cap), np.uint16)
+        q, idx, val = self._q[:n], self._idx[:n], self._val[:n]
 
         def fn(e: np.ndarray, a: int, b: int) -> None:
             kernels.encode_rows(
@@ -535,11 +542,29 @@ def compute_base_records(
 
     Raises EvaluationError (corpus too short, bad range, llama.cpp failure).
     """
-    settings = settings or RunnerSettings()
     base_gguf, corpus = Path(base_gguf), Path(corpus)
     # the digests are only needed for the key: computed beside the model's work, and
     # waited for when a record to reuse must be checked, or at the end
     digests = _Digests(base=(base_gguf, base_sha256), corpus=(corpus, corpus_sha256))
+    return _base_records(
+        base_gguf, corpus, ctx=ctx, chunk_range=chunk_range, chunks=chunks, settings=settings,
+        out=out, workdir=workdir, digests=digests,
+    )  # fmt: skip
+
+
+def _base_records(
+    base_gguf: Path,
+    corpus: Path,
+    *,
+    ctx: int,
+    chunk_range: tuple[int, int] | None,
+    chunks: int | None,
+    settings: RunnerSettings | None,
+    out: Path | None,
+    workdir: Path | None,
+    digests: _Digests,
+) -> Path:
+    settings = settings or RunnerSettings()
     text = read_corpus_text(corpus)
     with LogitsRunner(base_gguf, ctx=ctx, settings=settings) as run:
         tokens = run.tokenize(text)
@@ -670,7 +695,23 @@ def evaluate_chunks(
     threads and GPU offload can be set separately. Raises EvaluationError.
     """
     quant_gguf = Path(quant_gguf)
-    digests = _Digests(quant=(quant_gguf, quant_sha256))
+    return _evaluate_chunks(
+        quant_gguf, base_records, chunk_range=chunk_range, settings=settings,
+        n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+        digests=_Digests(quant=(quant_gguf, quant_sha256)),
+    )  # fmt: skip
+
+
+def _evaluate_chunks(
+    quant_gguf: Path,
+    base_records: Path | Sequence[Path],
+    *,
+    chunk_range: tuple[int, int] | None,
+    settings: RunnerSettings | None,
+    n_threads: int | None,
+    n_gpu_layers: int | None,
+    digests: _Digests,
+) -> ChunkStats:
     recs = [
         BaseRecords(p)
         for p in ([base_records] if isinstance(base_records, (str, Path)) else base_records)
@@ -890,12 +931,23 @@ def evaluate(
     """Everything in-process: base records (reused from `workdir` when present), the quant's
     evaluation and the summary. Raises EvaluationError."""
     settings = settings or RunnerSettings()
+    base, quant, corpus = Path(base), Path(quant), Path(corpus)
+    # All three digests start now, on one thread: most of the hashing then runs while the
+    # process imports, loads the models and tokenizes, which keep one core busy; both
+    # are needed only when the record's key and the result are written (without a
+    # workdir nothing is reused, so the key can wait until the record is written).
+    digests = _Digests(base=(base, None), quant=(quant, None), corpus=(corpus, None))
     with tempfile.TemporaryDirectory(prefix="qatgguf-eval-") as tmp:
-        # without a workdir nothing is reused, so the record's key (and the digests it
-        # needs) can wait until the record is written
-        where = {"workdir": Path(workdir)} if workdir else {"out": Path(tmp) / "base.qgkl"}
-        rec = compute_base_records(base, corpus, ctx=ctx, chunks=chunks, settings=settings, **where)
-        return merge([evaluate_chunks(quant, rec, settings=settings)])
+        rec = _base_records(
+            base, corpus, ctx=ctx, chunk_range=None, chunks=chunks, settings=settings,
+            out=None if workdir else Path(tmp) / "base.qgkl",
+            workdir=Path(workdir) if workdir else None, digests=digests,
+        )  # fmt: skip
+        stats = _evaluate_chunks(
+            quant, rec, chunk_range=None, settings=settings, n_threads=None,
+            n_gpu_layers=None, digests=digests,
+        )  # fmt: skip
+        return merge([stats])
 
 
 def export_llamacpp(records: Sequence[Path], out: Path) -> Path:
