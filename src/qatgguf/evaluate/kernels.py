@@ -13,7 +13,7 @@ this CPU (with FMA where the CPU has FMA and AVX2, as libm's own dispatch picks)
 port is checked against libm's `expf` at first use (`expf_matches_libm`); where they
 differ (another C library), the kernels call libm's `expf` one value at a time instead:
 slower, still the tool's values. llama-perplexity sums with a plain loop of `expf`
-calls; these kernels compute a row's `expf` values 16 at a time into a scratch row, then
+calls; these kernels compute a row's `expf` values a vector at a time into a scratch row, then
 add them up in the same order.
 """
 

@@ -103,7 +103,7 @@ def default_threads() -> int:
 
 class _RowWork:
     """Runs a row kernel over a batch of rows on `threads` threads (the kernels release
-    the GIL), each thread on its own rows with its own scratch row of vocab floats."""
+    the GIL), each thread on its own rows with its own scratch (`kernels.scratch`)."""
 
     def __init__(self, n_vocab: int, threads: int) -> None:
         from qatgguf.evaluate import kernels
