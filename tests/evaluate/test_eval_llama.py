@@ -104,6 +104,21 @@ def test_matches_llama_perplexity(case: str, llama_tools: dict[str, Path], tmp_p
     assert ours["dp_rms"] == pytest.approx(tool["dp_rms"], abs=1e-4)
 
 
+@pytest.mark.parametrize("case", ["q4_0-c128-b512-fa_off", "q4_0-c128-b128-fa_on"])
+def test_summary_is_the_tools_at_its_printed_precision(case: str, llama_tools: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    """Same logits, and every per-token value computed as the tool computes it (expf
+    values of the C library, double sums in its order): the printed summaries are equal,
+    digit for digit, where the agreement bounds above allow a unit of the last digit."""
+    qfile, ctx, chunks, batch, ubatch, fa, threads = CASES[case]
+    tool, _ = run_llama_perplexity(llama_tools["llama-perplexity"], BASE, MODELS / qfile, tmp_path,
+                                   ctx=ctx, chunks=chunks, batch=batch, ubatch=ubatch, flash_attn=fa,
+                                   threads=threads)
+    r = evaluate(BASE, MODELS / qfile, default_corpus(), ctx=ctx, chunks=chunks,
+                 settings=RunnerSettings(n_batch=batch, n_ubatch=ubatch, flash_attn=fa, n_threads=threads))
+    assert parse_kld_summary(r.format_table()) == tool
+
+
 def test_llama_perplexity_is_deterministic_here(llama_tools: dict[str, Path], tmp_path: Path) -> None:
     """Two runs of the tool on this machine print the same summary, so a tolerance above
     its printed precision is never hiding run-to-run noise."""

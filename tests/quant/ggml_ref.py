@@ -40,9 +40,12 @@ class _Traits(ctypes.Structure):
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
-@cache
-def lib() -> ctypes.CDLL:
-    so = ctypes.CDLL(str(ggml_lib_path()))
+def load_ggml_base(path: Path, *, deepbind: bool = False) -> ctypes.CDLL:
+    """A ggml-base library with the signatures used here. `deepbind` makes the library
+    resolve its own symbols first (RTLD_DEEPBIND), so a second build loaded into the same
+    process runs its own quantizers, not the first one's."""
+    mode = ctypes.RTLD_LOCAL | (os.RTLD_DEEPBIND if deepbind else 0)
+    so = ctypes.CDLL(str(path), mode=mode)
     so.ggml_quantize_chunk.restype = ctypes.c_size_t
     so.ggml_quantize_chunk.argtypes = [
         ctypes.c_int,
@@ -65,18 +68,27 @@ def lib() -> ctypes.CDLL:
     return so
 
 
+@cache
+def lib() -> ctypes.CDLL:
+    return load_ggml_base(ggml_lib_path())
+
+
 def block_and_size(t: GGMLQuantizationType) -> tuple[int, int]:
     return int(lib().ggml_blck_size(int(t))), int(lib().ggml_type_size(int(t)))
 
 
-def ggml_quantize(x: np.ndarray, t: GGMLQuantizationType) -> np.ndarray:
-    """ggml_quantize_chunk over all rows of x (2-D float32), no importance matrix."""
+def ggml_quantize(
+    x: np.ndarray, t: GGMLQuantizationType, *, so: ctypes.CDLL | None = None
+) -> np.ndarray:
+    """ggml_quantize_chunk over all rows of x (2-D float32), no importance matrix; `so` is
+    another ggml-base build (default: the installed one)."""
+    so = so or lib()
     x = np.ascontiguousarray(x, dtype=np.float32)
     nrows, n = x.shape
     blk, size = block_and_size(t)
     out = np.zeros((nrows, n // blk * size), dtype=np.uint8)
-    lib().ggml_quantize_init(int(t))
-    written = lib().ggml_quantize_chunk(int(t), x.ctypes.data, out.ctypes.data, 0, nrows, n, None)
+    so.ggml_quantize_init(int(t))
+    written = so.ggml_quantize_chunk(int(t), x.ctypes.data, out.ctypes.data, 0, nrows, n, None)
     assert written == out.nbytes
     return out
 

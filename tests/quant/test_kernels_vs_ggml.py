@@ -133,3 +133,19 @@ def test_odd_super_block_counts_equal_ggml(t: T, blocks: int) -> None:
     for row in x[:12]:
         assert np.array_equal(quantize(row[None], t), ggml_quantize(row[None], t)), t.name
     assert np.array_equal(quantize(x, t), ggml_quantize(x, t))
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_signed_zeros_and_magnitude_ties_equal_ggml(t: T) -> None:
+    # all-zero blocks that start with -0.0 (C's max stays +0.0) and blocks whose largest
+    # magnitude comes with both signs (C keeps the first)
+    n = 1024
+    rng = np.random.default_rng(11)
+    neg = np.full(n, -0.0)
+    mixed = np.where(rng.random(n) < 0.5, -0.0, 0.0)
+    ties = rng.integers(-3, 4, n) * 0.25
+    ties[::32] = -0.75
+    ties[5::32] = 0.75
+    ties2 = -ties
+    x = np.stack([neg, mixed, ties, ties2]).astype(np.float32)
+    assert np.array_equal(quantize(x, t), ggml_quantize(x, t))

@@ -119,6 +119,12 @@ def _tensor_chunks(job: TensorJob, fd: int | None, entry: TensorEntry | None,
             # the same bytes (no NaN: checked above)
             yield buf
             continue
+        if entry.dtype == "BF16" and job.transform == "copy" and job.qtype not in ("F32", "F16"):
+            # bf16 rows go to the quantizer as they are: its threads widen them to float32
+            # chunk by chunk, where a widened copy of the whole block would be one more
+            # pass over memory on this thread while they wait
+            yield np.ascontiguousarray(_quantize(job, block, file, threads, bits="bf16")).tobytes()
+            continue
         x = to_f32(block, entry.dtype)
         if job.transform == "norm_shift":
             x = x + np.float32(job.params["shift"])  # ref: conversion/gemma.py Gemma3Model.norm_shift
@@ -127,11 +133,14 @@ def _tensor_chunks(job: TensorJob, fd: int | None, entry: TensorEntry | None,
         elif job.qtype == "F16":
             yield x.astype(np.float16).tobytes()
         else:
-            try:
-                q = quant.quantize(x, job.qtype, grid=job.grid, threads=threads, name=job.gguf_name)
-            except QuantizationError as exc:
-                raise type(exc)(f"{file}: tensor {job.hf_name!r} -> {job.gguf_name}: {exc}") from None
-            yield np.ascontiguousarray(q).tobytes()
+            yield np.ascontiguousarray(_quantize(job, x, file, threads)).tobytes()
+
+
+def _quantize(job: TensorJob, x: np.ndarray, file: str, threads: int, bits: str | None = None) -> np.ndarray:
+    try:
+        return quant.quantize(x, job.qtype, grid=job.grid, threads=threads, bits=bits, name=job.gguf_name)
+    except QuantizationError as exc:
+        raise type(exc)(f"{file}: tensor {job.hf_name!r} -> {job.gguf_name}: {exc}") from None
 
 
 def shard_path(plan: ConversionPlan, sj: ShardJob, given: Path | None) -> Path | None:

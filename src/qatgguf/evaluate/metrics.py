@@ -231,20 +231,30 @@ def summarize(values: TokenValues) -> dict[str, float | int]:
     n = len(values)
     if n == 0:
         raise ValueError("no scored tokens to summarize")
-    nll = values.nll.astype(np.float64)
-    nll_b = values.nll_base.astype(np.float64)
+    # The products of float values are float products, rounded before they are summed in
+    # double, as C computes `sum_nll2 += nll*nll` and `p_diff2 = p_diff*p_diff` for float
+    # nll and p_diff. ref: perplexity.cpp log_softmax(..., kl_divergence_result & kld)
+    nll32 = np.asarray(values.nll, dtype=np.float32)
+    nll_b32 = np.asarray(values.nll_base, dtype=np.float32)
+    pd32 = np.asarray(values.p_diff, dtype=np.float32)
+    nll = nll32.astype(np.float64)
+    nll_b = nll_b32.astype(np.float64)
     kld = values.kld.astype(np.float64)
-    pd = values.p_diff.astype(np.float64)
-    log_ppl, log_ppl_unc = mean_and_uncertainty(nll.sum(), (nll * nll).sum(), n)
-    log_ppl_b, log_ppl_b_unc = mean_and_uncertainty(nll_b.sum(), (nll_b * nll_b).sum(), n)
-    cov = covariance(nll.sum(), nll_b.sum(), (nll * nll_b).sum(), n)
+    pd = pd32.astype(np.float64)
+    pd2 = (pd32 * pd32).astype(np.float64)
+    sum_nll2 = (nll32 * nll32).astype(np.float64).sum()
+    sum_nll_b2 = (nll_b32 * nll_b32).astype(np.float64).sum()
+    sum_cross = (nll32 * nll_b32).astype(np.float64).sum()
+    log_ppl, log_ppl_unc = mean_and_uncertainty(nll.sum(), sum_nll2, n)
+    log_ppl_b, log_ppl_b_unc = mean_and_uncertainty(nll_b.sum(), sum_nll_b2, n)
+    cov = covariance(nll.sum(), nll_b.sum(), sum_cross, n)
     ppl, ppl_b = math.exp(log_ppl), math.exp(log_ppl_b)
     ratio_log = log_ppl - log_ppl_b
     ratio_log_unc = math.sqrt(max(log_ppl_unc**2 + log_ppl_b_unc**2 - 2.0 * cov, 0.0))
     denom = log_ppl_unc * log_ppl_b_unc
     mean_kld, mean_kld_unc = mean_and_uncertainty(kld.sum(), (kld * kld).sum(), n)
-    mean_dp, mean_dp_unc = mean_and_uncertainty(pd.sum(), (pd * pd).sum(), n)
-    mse, mse_unc = mean_and_uncertainty((pd * pd).sum(), (pd**4).sum(), n)
+    mean_dp, mean_dp_unc = mean_and_uncertainty(pd.sum(), pd2.sum(), n)
+    mse, mse_unc = mean_and_uncertainty(pd2.sum(), (pd2 * pd2).sum(), n)
     rms = math.sqrt(mse)
     same, same_unc = proportion_and_uncertainty(int(values.same_top.sum()), n)
     ks = np.sort(values.kld.astype(np.float32))  # llama.cpp keeps float copies for the order stats

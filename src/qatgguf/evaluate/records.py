@@ -27,10 +27,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import mmap
 import os
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,13 +40,7 @@ import numpy as np
 
 from qatgguf.errors import EvaluationError
 from qatgguf.evaluate.metrics import KLD_LOG_PROB_FLOOR as M_FLOOR
-from qatgguf.evaluate.metrics import (
-    QuantizedLogProbs,
-    TokenValues,
-    quantize_log_probs,
-    summarize,
-    token_values,
-)
+from qatgguf.evaluate.metrics import QuantizedLogProbs, TokenValues, summarize
 from qatgguf.evaluate.runner import LogitsRunner, RunnerSettings, read_corpus_text
 
 MAGIC = b"QGKLREC1"
@@ -52,20 +48,86 @@ LLAMACPP_MAGIC = b"_logits_"
 FORMAT_VERSION = 1
 KEEP_FLOOR = np.float32(-16.5)
 _ALIGN = 64
-_ROW_BLOCK = 64  # rows decoded at once: bounds memory at 262k vocab (64 x 262144 x 4 B)
+_ROW_BLOCK = 64  # rows encoded at once: bounds memory at 262k vocab (64 x 262144 x 2 B)
 
 
 def sha256_file(path: Path, *, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
-            while b := f.read(chunk):
-                h.update(b)
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return h.hexdigest()
+            # hashed from a memory map: no copy of the (multi-GB) file through a buffer
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                view = memoryview(m)
+                try:
+                    for o in range(0, size, chunk):
+                        h.update(view[o : o + chunk])
+                finally:
+                    view.release()
     except OSError as exc:
         raise EvaluationError(
             f"{path}: file not found or unreadable ({exc.strerror}); check the path"
         ) from exc
     return h.hexdigest()
+
+
+class _Digests:
+    """sha256 of files, computed on one background thread (hashlib releases the GIL);
+    `get` waits for one. Digests given by the caller are used as they are."""
+
+    def __init__(self, **files: tuple[Path, str | None]) -> None:
+        self._done = {name: d for name, (_, d) in files.items() if d}
+        todo = {name: p for name, (p, d) in files.items() if not d}
+        self._pool = ThreadPoolExecutor(1) if todo else None
+        self._futures = {n: self._pool.submit(sha256_file, p) for n, p in todo.items()}
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    def get(self, name: str) -> str:
+        if name not in self._done:
+            self._done[name] = self._futures.pop(name).result()
+        return self._done[name]
+
+
+def default_threads() -> int:
+    """Threads for the per-row work when the settings name none: llama-perplexity shares it
+    among all CPUs (ref: perplexity.cpp `std::thread::hardware_concurrency()` workers);
+    here OMP_NUM_THREADS when set (Ray sets it to a task's CPUs), else the CPUs this
+    process may run on."""
+    from qatgguf.quant.api import default_threads as cpus
+
+    return cpus()
+
+
+class _RowWork:
+    """Runs a row kernel over a batch of rows on `threads` threads (the kernels release
+    the GIL), each thread on its own rows with its own scratch (`kernels.scratch`)."""
+
+    def __init__(self, n_vocab: int, threads: int) -> None:
+        from qatgguf.evaluate import kernels
+
+        self.threads = max(1, threads)
+        self.port = kernels.use_port()
+        self.with_fma = kernels.WITH_FMA
+        self._scratch = [kernels.scratch(n_vocab) for _ in range(self.threads)]
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+
+    def run(self, n: int, fn: Callable[[np.ndarray, int, int], None]) -> None:
+        """fn(scratch, r0, r1) over [0, n) cut into one contiguous part per thread."""
+        parts = [(n * k // self.threads, n * (k + 1) // self.threads) for k in range(self.threads)]
+        parts = [(k, a, b) for k, (a, b) in enumerate(parts) if b > a]
+        if self._pool is None or len(parts) == 1:
+            for k, a, b in parts:
+                fn(self._scratch[k], a, b)
+            return
+        for f in [self._pool.submit(fn, self._scratch[k], a, b) for k, a, b in parts]:
+            f.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 @dataclass(frozen=True)
@@ -240,6 +302,43 @@ class BaseRecords:
             q=q,
         )
 
+    def token_values(self, i: int, logits: np.ndarray, work: _RowWork) -> TokenValues:
+        """Per-token values of chunk i from the quant's logits of its scored rows
+        [ctx-1-ctx/2, vocab], against this record: `metrics.token_values`' numbers,
+        computed as llama-perplexity computes them (see `kernels`)."""
+        from qatgguf.evaluate import kernels
+
+        self._check(i)
+        targets = self.chunk_tokens(i)[self.ctx // 2 + 1 :].astype(np.int64)
+        n = len(targets)
+        x = np.ascontiguousarray(logits, dtype=np.float32)
+        if x.shape != (n, self.n_vocab):
+            raise EvaluationError(
+                f"{self.path}: chunk {i} needs logits of shape {(n, self.n_vocab)}, got {x.shape}"
+            )
+        out = (
+            np.empty(n, np.float32),
+            np.empty(n, np.float32),
+            np.empty(n, np.float64),
+            np.empty(n, np.float32),
+            np.empty(n, np.bool_),
+        )
+        r0 = (i - self.chunk_start) * self.n_scored
+        if self.llamacpp:
+            none16, none32 = np.zeros(0, np.uint16), np.zeros(0, np.uint32)
+            nonef, nonei = np.zeros(0, np.float32), np.zeros(0, np.int64)
+            args = (nonef, nonef, none16, none16, none32, nonei, nonei, self._rows)
+        else:
+            a = self._a
+            args = (a["scale"], a["min_log_prob"], a["target_q"], a["values"], a["indices"],
+                    a["val_ptr"], a["idx_ptr"], np.zeros((0, 0), np.uint16))  # fmt: skip
+
+        def fn(e: np.ndarray, lo: int, hi: int) -> None:
+            kernels.kld_rows(x, targets, *args, r0, *out, e, lo, hi, work.port, work.with_fma)
+
+        work.run(n, fn)
+        return TokenValues(*out)
+
 
 class _RecordWriter:
     """Accumulates encoded rows of consecutive chunks."""
@@ -254,6 +353,9 @@ class _RecordWriter:
         self.indices: list[np.ndarray] = []
         self.val_len: list[int] = []
         self.idx_len: list[int] = []
+        self._q: np.ndarray | None = None  # add_logits' scratch: codes, kept pairs
+        self._idx: np.ndarray | None = None
+        self._val: np.ndarray | None = None
 
     def add_rows(self, rec: QuantizedLogProbs, targets: np.ndarray) -> None:
         n = len(targets)
@@ -275,6 +377,50 @@ class _RecordWriter:
                 idx = np.flatnonzero(keep[r]).astype(np.uint32)
                 self.indices.append(idx)
                 self.values.append(rec.q[r, idx])
+                self.val_len.append(k)
+                self.idx_len.append(k)
+
+    def add_logits(self, logits: np.ndarray, targets: np.ndarray, work: _RowWork) -> None:
+        """Encode float32 logits [n, vocab] (perplexity.cpp's 16-bit record, see `kernels`)
+        and add the rows: the same bytes as `add_rows(quantize_log_probs(logits), targets)`
+        up to the last bit of each row's log-sum-exp, which here is the tool's."""
+        from qatgguf.evaluate import kernels
+
+        x = np.ascontiguousarray(logits, dtype=np.float32)
+        n = x.shape[0]
+        tg = np.ascontiguousarray(targets, dtype=np.int64)
+        scale = np.empty(n, np.float32)
+        min_lp = np.empty(n, np.float32)
+        target_q = np.empty(n, np.uint16)
+        kept = np.empty(n, np.int64)
+        if self._q is None or len(self._q) < n:
+            # reused from block to block: fresh pages of a 64-row block cost more to
+            # fault in than the kernel spends on it
+            cap = self.n_vocab // 3 + 1  # a row stored as pairs keeps fewer than a third
+            self._q = np.empty((n, self.n_vocab), np.uint16)
+            self._idx = np.empty((n, cap), np.uint32)
+            self._val = np.empty((n, cap), np.uint16)
+        q, idx, val = self._q[:n], self._idx[:n], self._val[:n]
+
+        def fn(e: np.ndarray, a: int, b: int) -> None:
+            kernels.encode_rows(
+                x, tg, scale, min_lp, target_q, kept, q, idx, val, e, a, b, work.port,
+                work.with_fma,
+            )  # fmt: skip
+
+        work.run(n, fn)
+        self.scale.append(scale)
+        self.min_lp.append(min_lp)
+        self.target_q.append(target_q)
+        for r in range(n):
+            k = int(kept[r])
+            if k * 6 >= self.n_vocab * 2:  # (u32, u16) pairs no smaller than the dense row
+                self.values.append(q[r].copy())
+                self.val_len.append(self.n_vocab)
+                self.idx_len.append(0)
+            else:
+                self.indices.append(idx[r, :k].copy())
+                self.values.append(val[r, :k].copy())
                 self.val_len.append(k)
                 self.idx_len.append(k)
 
@@ -396,48 +542,72 @@ def compute_base_records(
 
     Raises EvaluationError (corpus too short, bad range, llama.cpp failure).
     """
-    settings = settings or RunnerSettings()
     base_gguf, corpus = Path(base_gguf), Path(corpus)
-    base_sha256 = base_sha256 or sha256_file(base_gguf)
-    corpus_sha256 = corpus_sha256 or sha256_file(corpus)
+    # the digests are only needed for the key: computed beside the model's work, and
+    # waited for when a record to reuse must be checked, or at the end
+    digests = _Digests(base=(base_gguf, base_sha256), corpus=(corpus, corpus_sha256))
+    return _base_records(
+        base_gguf, corpus, ctx=ctx, chunk_range=chunk_range, chunks=chunks, settings=settings,
+        out=out, workdir=workdir, digests=digests,
+    )  # fmt: skip
+
+
+def _base_records(
+    base_gguf: Path,
+    corpus: Path,
+    *,
+    ctx: int,
+    chunk_range: tuple[int, int] | None,
+    chunks: int | None,
+    settings: RunnerSettings | None,
+    out: Path | None,
+    workdir: Path | None,
+    digests: _Digests,
+) -> Path:
+    settings = settings or RunnerSettings()
     text = read_corpus_text(corpus)
     with LogitsRunner(base_gguf, ctx=ctx, settings=settings) as run:
         tokens = run.tokenize(text)
         _check_corpus_len(corpus, len(tokens), ctx)
         n_chunks = min(len(tokens) // ctx, chunks) if chunks else len(tokens) // ctx
         a, b = _resolve_range(n_chunks, chunk_range, str(corpus))
-        key = record_key(
-            base_gguf,
-            corpus,
-            ctx=ctx,
-            chunk_range=(a, b),
-            settings=settings,
-            base_sha256=base_sha256,
-            corpus_sha256=corpus_sha256,
-        )
+
+        def key() -> RecordKey:
+            return record_key(
+                base_gguf,
+                corpus,
+                ctx=ctx,
+                chunk_range=(a, b),
+                settings=settings,
+                base_sha256=digests.get("base"),
+                corpus_sha256=digests.get("corpus"),
+            )
+
         if out is None:
-            out = Path(workdir or tempfile.mkdtemp(prefix="qatgguf-eval-")) / key.store_key()
+            out = Path(workdir or tempfile.mkdtemp(prefix="qatgguf-eval-")) / key().store_key()
         out = Path(out)
         if out.is_file():
             try:
-                if BaseRecords(out).key == _key_dict(key):
+                if BaseRecords(out).key == _key_dict(key()):
                     return out
             except EvaluationError:
                 pass  # unreadable: recompute and replace
         w = _RecordWriter(run.n_vocab)
+        work = _RowWork(run.n_vocab, settings.n_threads or default_threads())
         first = ctx // 2
-        for i, logits in run.chunk_logits(
-            {i: tokens[i * ctx : (i + 1) * ctx] for i in range(a, b)}
-        ):
-            t = tokens[i * ctx : (i + 1) * ctx]
-            w.tokens.append(t)
-            targets = t[first + 1 :].astype(np.int64)
-            for lo in range(0, len(targets), _ROW_BLOCK):
-                w.add_rows(
-                    quantize_log_probs(logits[lo : lo + _ROW_BLOCK]), targets[lo : lo + _ROW_BLOCK]
-                )
+        try:
+            for i, logits in run.chunk_logits(
+                {i: tokens[i * ctx : (i + 1) * ctx] for i in range(a, b)}
+            ):
+                t = tokens[i * ctx : (i + 1) * ctx]
+                w.tokens.append(t)
+                targets = t[first + 1 :].astype(np.int64)
+                for lo in range(0, len(targets), _ROW_BLOCK):
+                    w.add_logits(logits[lo : lo + _ROW_BLOCK], targets[lo : lo + _ROW_BLOCK], work)
+        finally:
+            work.close()
         header = {
-            "key": _key_dict(key),
+            "key": _key_dict(key()),
             "ctx": ctx,
             "n_vocab": run.n_vocab,
             "chunk_start": a,
@@ -525,6 +695,23 @@ def evaluate_chunks(
     threads and GPU offload can be set separately. Raises EvaluationError.
     """
     quant_gguf = Path(quant_gguf)
+    return _evaluate_chunks(
+        quant_gguf, base_records, chunk_range=chunk_range, settings=settings,
+        n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+        digests=_Digests(quant=(quant_gguf, quant_sha256)),
+    )  # fmt: skip
+
+
+def _evaluate_chunks(
+    quant_gguf: Path,
+    base_records: Path | Sequence[Path],
+    *,
+    chunk_range: tuple[int, int] | None,
+    settings: RunnerSettings | None,
+    n_threads: int | None,
+    n_gpu_layers: int | None,
+    digests: _Digests,
+) -> ChunkStats:
     recs = [
         BaseRecords(p)
         for p in ([base_records] if isinstance(base_records, (str, Path)) else base_records)
@@ -558,7 +745,6 @@ def evaluate_chunks(
                 **({"n_gpu_layers": n_gpu_layers} if n_gpu_layers is not None else {}),
             }
         )
-    first = ctx // 2
     parts: list[TokenValues] = []
     with LogitsRunner(quant_gguf, ctx=ctx, settings=settings) as run:
         if run.n_vocab != n_vocab:
@@ -567,13 +753,12 @@ def evaluate_chunks(
                 f"{quant_gguf}: vocabulary has {run.n_vocab} tokens but the base record "
                 f"{recs[0].path} has {n_vocab}; evaluate a quant of the same model"
             )
-        for i, logits in run.chunk_logits({i: owner[i].chunk_tokens(i) for i in range(a, b)}):
-            targets = owner[i].chunk_tokens(i)[first + 1 :].astype(np.int64)
-            for r0 in range(0, len(targets), _ROW_BLOCK):
-                r1 = min(r0 + _ROW_BLOCK, len(targets))
-                parts.append(
-                    token_values(logits[r0:r1], targets[r0:r1], owner[i].chunk_rows(i, r0, r1))
-                )
+        work = _RowWork(n_vocab, settings.n_threads or default_threads())
+        try:
+            for i, logits in run.chunk_logits({i: owner[i].chunk_tokens(i) for i in range(a, b)}):
+                parts.append(owner[i].token_values(i, logits, work))
+        finally:
+            work.close()
     return ChunkStats(
         chunk_start=a,
         chunk_end=b,
@@ -581,7 +766,7 @@ def evaluate_chunks(
         n_vocab=n_vocab,
         base_sha256=key.get("base_sha256"),
         corpus_sha256=key.get("corpus_sha256"),
-        quant_sha256=quant_sha256 or sha256_file(quant_gguf),
+        quant_sha256=digests.get("quant"),
         base_size=recs[0].header.get("base_size"),
         quant_size=quant_gguf.stat().st_size,
         values=TokenValues.concat(parts),
@@ -746,11 +931,23 @@ def evaluate(
     """Everything in-process: base records (reused from `workdir` when present), the quant's
     evaluation and the summary. Raises EvaluationError."""
     settings = settings or RunnerSettings()
+    base, quant, corpus = Path(base), Path(quant), Path(corpus)
+    # All three digests start now, on one thread: most of the hashing then runs while the
+    # process imports, loads the models and tokenizes, which keep one core busy; both
+    # are needed only when the record's key and the result are written (without a
+    # workdir nothing is reused, so the key can wait until the record is written).
+    digests = _Digests(base=(base, None), quant=(quant, None), corpus=(corpus, None))
     with tempfile.TemporaryDirectory(prefix="qatgguf-eval-") as tmp:
-        rec = compute_base_records(
-            base, corpus, ctx=ctx, chunks=chunks, settings=settings, workdir=Path(workdir or tmp)
-        )
-        return merge([evaluate_chunks(quant, rec, settings=settings)])
+        rec = _base_records(
+            base, corpus, ctx=ctx, chunk_range=None, chunks=chunks, settings=settings,
+            out=None if workdir else Path(tmp) / "base.qgkl",
+            workdir=Path(workdir) if workdir else None, digests=digests,
+        )  # fmt: skip
+        stats = _evaluate_chunks(
+            quant, rec, chunk_range=None, settings=settings, n_threads=None,
+            n_gpu_layers=None, digests=digests,
+        )  # fmt: skip
+        return merge([stats])
 
 
 def export_llamacpp(records: Sequence[Path], out: Path) -> Path:

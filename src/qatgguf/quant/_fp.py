@@ -8,8 +8,11 @@ integers with `F32(...)` before mixing them with floats.
 
 from __future__ import annotations
 
+import llvmlite.binding as llvm
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
+from numba.core import config
 from numba.extending import intrinsic
 
 F32 = np.float32
@@ -48,7 +51,7 @@ def bits_f32(typingctx, u):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True, inline="always")
-def fp32_to_fp16(f: float) -> int:
+def _fp32_to_fp16_soft(f: float) -> int:
     """float32 -> IEEE half bits, round-to-nearest-even, NaN -> 0x7E00.
 
     ref: ggml-impl.h ggml_compute_fp32_to_fp16 (the software path ggml-base is built with).
@@ -67,6 +70,44 @@ def fp32_to_fp16(f: float) -> int:
     if shl1_w > np.uint32(0xFF000000):
         nonsign = np.uint32(0x7E00)
     return np.uint16((sign >> np.uint32(16)) | nonsign)
+
+
+@intrinsic
+def _f16c_bits(typingctx, x):  # type: ignore[no-untyped-def]
+    """float32 -> IEEE half bits by the CPU's conversion (`fptrunc`; F16C's vcvtps2ph),
+    round-to-nearest-even like the software path; a NaN keeps its payload's top bits."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        h = builder.fptrunc(args[0], ir.HalfType())
+        return builder.bitcast(h, ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _fp32_to_fp16_f16c(f: float) -> int:
+    """ggml_compute_fp32_to_fp16 through the hardware conversion: the same bits for every
+    float32 (all 2**32 checked), once NaN is forced to ggml's 0x7E00 with its sign. A
+    select, so loops over it vectorize."""
+    u = f32_bits(f)
+    nan = np.uint16(((u >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7E00))
+    return nan if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else _f16c_bits(f)
+
+
+def _has_f16c() -> bool:
+    # numba compiles for the host CPU unless NUMBA_CPU_NAME names another target; without
+    # F16C, LLVM would lower `fptrunc` to a runtime call the JIT does not provide
+    if config.CPU_NAME not in (None, "host"):
+        return False
+    return bool(llvm.get_host_cpu_features().get("f16c", False))
+
+
+HAS_F16C = _has_f16c()
+# ref: ggml-impl.h ggml_compute_fp32_to_fp16 (the software path ggml-base is built with);
+# both variants give its bits for every float32
+fp32_to_fp16 = _fp32_to_fp16_f16c if HAS_F16C else _fp32_to_fp16_soft
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -142,7 +142,19 @@ def _chunks(nrows: int, n: int) -> list[tuple[int, int]]:
     return [(r, min(nrows, r + step)) for r in range(0, nrows, step)]
 
 
-def _f32_chunk(rows: np.ndarray, r0: int, r1: int) -> np.ndarray:
+@njit(cache=True, nogil=True)
+def _widen_bf16(u: np.ndarray, out: np.ndarray) -> None:
+    # exact: a bf16 is the top half of a float32
+    for i in range(u.size):
+        out[i] = np.uint32(u[i]) << np.uint32(16)
+
+
+def _f32_chunk(rows: np.ndarray, r0: int, r1: int, bits: str | None = None) -> np.ndarray:
+    if bits == "bf16":
+        u = np.ascontiguousarray(rows[r0:r1]).reshape(-1)
+        out = np.empty(u.size, np.uint32)
+        _widen_bf16(u, out)
+        return out.view(np.float32)
     return np.ascontiguousarray(rows[r0:r1], dtype=np.float32).reshape(-1)
 
 
@@ -172,6 +184,7 @@ def quantize(
     grid: str | None = None,
     name: str | None = None,
     threads: int = 1,
+    bits: str | None = None,
 ) -> np.ndarray:
     """Quantize float rows `x` (shape (..., n)) to GGML blocks, bytes as GGUF stores them.
 
@@ -180,13 +193,23 @@ def quantize(
     recovers the integer grid a QAT checkpoint was trained on and keeps it; blocks that
     are not on a grid get the reference encoding. `name` only labels error messages.
     `threads` > 1 quantizes row chunks in parallel; the bytes do not depend on it.
+    `bits="bf16"`: `x` holds bfloat16 bit patterns (uint16, as a safetensors BF16 tensor
+    stores them), widened to float32 chunk by chunk on the quantizing threads, which
+    gives the bytes of `quantize(bf16 values as float32)` without a float32 copy of `x`.
 
     Raises BlockSizeError (row length), NonFiniteError (NaN/Inf; names the first bad row),
-    UnknownQuantTypeError, QuantizationError (unsupported grid).
+    UnknownQuantTypeError, QuantizationError (unsupported grid or bits).
     """
     t = resolve_type(qtype)
     kernel = kernel_for(t)
     x = np.asarray(x)
+    if bits not in (None, "bf16"):
+        raise QuantizationError(f"unknown bits {bits!r}; supported: 'bf16' or None")
+    if bits == "bf16" and x.dtype != np.uint16:
+        raise QuantizationError(
+            f"{'tensor ' + repr(name) + ': ' if name else ''}bits='bf16' needs the raw uint16 "
+            f"bit patterns, got dtype {x.dtype}. Fix: pass the BF16 tensor's uint16 view"
+        )
     rows, n = _prepare(x, t, name)
     out = np.empty((*x.shape[:-1], n // kernel.block_size * kernel.type_size), dtype=np.uint8)
     out_rows = out.reshape(rows.shape[0], -1)
@@ -197,7 +220,7 @@ def quantize(
 
         def plain(chunk: tuple[int, int]) -> None:
             r0, r1 = chunk
-            c = _f32_chunk(rows, r0, r1)
+            c = _f32_chunk(rows, r0, r1, bits)
             o = out_rows[r0:r1].reshape(-1)
             if kernel.checks_finite:
                 if not q(c, o):
@@ -219,12 +242,13 @@ def quantize(
 
     def on_grid(chunk: tuple[int, int]) -> None:
         r0, r1 = chunk
-        c = _f32_chunk(rows, r0, r1)
+        c = _f32_chunk(rows, r0, r1, bits)
         for p0, p1 in _pieces(c.size):
             piece = c[p0:p1]
-            _check_finite(piece, r0 * n + p0, n, name)
             b0 = (r0 * n + p0) // bs * ts
-            enc.encode(piece, flat_out[b0 : b0 + (p1 - p0) // bs * ts], pos=b0)
+            # the encoder flags NaN/Inf on its way; the scan that names the row runs only then
+            if not enc.encode(piece, flat_out[b0 : b0 + (p1 - p0) // bs * ts], pos=b0):
+                _check_finite(piece, r0 * n + p0, n, name)
 
     _each(on_grid, chunks, threads)
     enc.finish(flat_out)

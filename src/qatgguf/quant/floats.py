@@ -1,7 +1,9 @@
 """Plain float formats: F32, F16, BF16 (block size 1).
 
-F16 and BF16 use ggml's own conversions (`ggml_fp32_to_fp16_row`,
-`ggml_fp32_to_bf16_row_ref`), the ones `ggml_quantize_chunk` runs.
+F16 and BF16 give the bits of ggml's own conversions (`ggml_fp32_to_fp16_row`,
+`ggml_fp32_to_bf16_row_ref`), the ones `ggml_quantize_chunk` runs. F16 converts with the
+CPU's half-precision instruction where it has one (`_fp.fp32_to_fp16`: the same bits for
+every float32, 16 lanes at a time, where ggml-base runs the bit-level software routine).
 """
 
 from __future__ import annotations

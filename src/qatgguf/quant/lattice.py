@@ -132,30 +132,39 @@ def _grid_blocks(
     kmax: int,
     mtop: int,
     doff: int,
-) -> None:
+) -> bool:
     """Encode blocks with their grid, one pass, no temporaries beyond one block of codes.
 
     Each grid block gets its codes and the fp16 scale closest to the least-squares one
     (written now); `alt` keeps the signed bf16-valued alternative (`_NO_CAND`: none) that
     `_apply_bf16` writes when the whole tensor turns out to have bf16 scales. Blocks
-    without a grid get the reference encoding and `alt = _NO_CAND`.
+    without a grid get the reference encoding and `alt = _NO_CAND`. Returns False when a
+    block holds NaN or Inf.
     """
     xu = x.view(np.uint32)
     nb = x.size // bs
     k = np.empty(bs, np.int32)
     kf = np.empty(bs, np.float32)  # |k| as float32
+    shift = np.uint64(5 if bs == 32 else 8)  # log2(bs): room for an index below the bits
+    finite = True
     for i in range(nb):
         b = i * bs
         o = i * ts
         alt[i] = _NO_CAND
         # a bf16 block (low halves zero) with a finite, nonzero largest magnitude; for
-        # finite floats the magnitude order is the integer order of the bits without sign
+        # finite floats the magnitude order is the integer order of the bits without sign,
+        # and with bs-1-j below them one integer max (vectorized) also finds where the
+        # largest magnitude first occurs
         low = np.uint32(0)
-        mbits = np.uint32(0)
+        km = np.uint64(0)
         for j in range(bs):
             u = xu[b + j]
             low |= u
-            mbits = imax(mbits, u & _ABS)
+            key = (np.uint64(u & _ABS) << shift) | np.uint64(bs - 1 - j)
+            km = key if key > km else km  # noqa: FURB136 (a select; max() branches)
+        mbits = np.uint32(km >> shift)
+        imx = bs - 1 - np.int64(km & np.uint64(bs - 1))
+        finite &= mbits < _EXP_ALL
         found = (low & np.uint32(0xFFFF)) == 0 and mbits > 0 and mbits < _EXP_ALL
         m = 0
         sign = 0
@@ -284,9 +293,6 @@ def _grid_blocks(
         if best_bf >= 0:
             hist[_H_BF16] += 1
             alt[i] = np.uint16(best_bf | hs)
-        imx = 0
-        while (xu[b + imx] & _ABS) != mbits:
-            imx += 1
         hist[k[imx] + 16] += 1
         hd = best_any | hs
         out[o + doff] = np.uint8(hd & 0xFF)
@@ -303,18 +309,19 @@ def _grid_blocks(
                     for nn in range(4):
                         q |= (sign * k[128 * jj + 32 * nn + mm] - kmin) << (2 * nn)
                     out[o + 32 * jj + mm] = np.uint8(q)
+    return finite
 
 
 # One entry per format, so LLVM sees the block size and code range as constants when it
 # inlines the body (fixed trip counts, vectorized block loops, no dead format's code).
 @njit(cache=True, nogil=True)
-def _grid_q4_0(x: np.ndarray, out: np.ndarray, alt: np.ndarray, hist: np.ndarray) -> None:
-    _grid_blocks(x, out, alt, hist, 32, 18, -8, 7, 8, 0)
+def _grid_q4_0(x: np.ndarray, out: np.ndarray, alt: np.ndarray, hist: np.ndarray) -> bool:
+    return _grid_blocks(x, out, alt, hist, 32, 18, -8, 7, 8, 0)
 
 
 @njit(cache=True, nogil=True)
-def _grid_tq2_0(x: np.ndarray, out: np.ndarray, alt: np.ndarray, hist: np.ndarray) -> None:
-    _grid_blocks(x, out, alt, hist, 256, 66, -1, 2, 2, 64)
+def _grid_tq2_0(x: np.ndarray, out: np.ndarray, alt: np.ndarray, hist: np.ndarray) -> bool:
+    return _grid_blocks(x, out, alt, hist, 256, 66, -1, 2, 2, 64)
 
 
 @njit(cache=True, nogil=True)
@@ -384,14 +391,15 @@ class GridEncoder:
         self._pos = 0
         self._lock = threading.Lock()
 
-    def encode(self, x: np.ndarray, out: np.ndarray, *, pos: int | None = None) -> None:
+    def encode(self, x: np.ndarray, out: np.ndarray, *, pos: int | None = None) -> bool:
         """Encode flat float32 blocks `x` into flat bytes `out`: the tensor's bytes from
         offset `pos`, or, without it, the chunk after the previous one. Threads may encode
-        chunks at once when each gives its `pos`."""
+        chunks at once when each gives its `pos`. Returns False when `x` holds NaN or Inf
+        (those blocks get the reference encoding)."""
         nb = x.size // self.block
         alt = np.empty(nb, np.uint16)
         hist = np.zeros(_H_SIZE, np.int64)
-        (_grid_q4_0 if self.qtype == T.Q4_0 else _grid_tq2_0)(x, out, alt, hist)
+        finite = (_grid_q4_0 if self.qtype == T.Q4_0 else _grid_tq2_0)(x, out, alt, hist)
         with self._lock:
             if pos is None:
                 pos = self._pos
@@ -399,6 +407,7 @@ class GridEncoder:
             self.stats.add(nb, hist)
             if hist[_H_BF16]:
                 self._parts.append((pos, alt))
+        return bool(finite)
 
     def finish(self, out: np.ndarray) -> GridStats:
         """Write the scales of all grid blocks into `out` (the whole tensor, flat)."""

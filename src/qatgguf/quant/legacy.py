@@ -40,32 +40,31 @@ _EXP_ALL = np.uint32(0x7F800000)  # magnitude bits at or above: Inf or NaN
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _first_with_bits(xu: np.ndarray, b: int, m: np.uint32) -> int:
-    # index of the first element of the block at b whose magnitude bits are m (one exists)
-    j = 0
-    while (xu[b + j] & _ABS) != m:
-        j += 1
-    return j
+def _first_max_magnitude(x: np.ndarray, xu: np.ndarray, b: int) -> tuple[np.uint32, float]:
+    """(magnitude bits, value) of the first element of largest |x| in the 32-block at b, as
+    C's `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }` from 0 keeps it (0.0 for an
+    all-zero block). For finite floats the magnitude order is the integer order of the
+    bits without the sign; with 31 - j below them, one integer max (vectorized, one pass)
+    finds the largest magnitude and, among equals, the first."""
+    km = np.uint64(0)
+    for j in range(32):
+        key = (np.uint64(xu[b + j] & _ABS) << np.uint64(5)) | np.uint64(31 - j)
+        km = key if key > km else km  # noqa: FURB136 (a select; max() branches)
+    m = np.uint32(km >> np.uint64(5))
+    v = x[b + 31 - np.int64(km & np.uint64(31))]
+    return m, (v if m != np.uint32(0) else F32(0.0))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _q4_0_blocks(x: np.ndarray, out: np.ndarray, i0: int, i1: int) -> bool:
-    # ref: ggml-quants.c quantize_row_q4_0_ref (blocks i0..i1-1). The C loop keeps the
-    # first element of largest |x|; for finite floats the magnitude order is the integer
-    # order of the bits without the sign, so an integer max (vectorized) finds |max| and a
-    # short scan its first position. Returns False when a block holds NaN or Inf.
+    # ref: ggml-quants.c quantize_row_q4_0_ref (blocks i0..i1-1). Returns False when a
+    # block holds NaN or Inf.
     xu = x.view(np.uint32)
     seen = np.uint32(0)
     for i in range(i0, i1):
         b = i * 32
-        m = np.uint32(0)
-        for j in range(32):
-            a = xu[b + j] & _ABS
-            m = imax(m, a)
+        m, mx = _first_max_magnitude(x, xu, b)
         seen = imax(seen, m)
-        mx = F32(0.0)
-        if m != np.uint32(0):
-            mx = x[b + _first_with_bits(xu, b, m)]
         d = mx / F32(-8.0)
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         o = i * 18
@@ -199,38 +198,40 @@ class Q4_1(BlockQuant, qtype=T.Q4_1):
 @njit(cache=True, nogil=True)
 def _q5_0_quantize(x: np.ndarray, out: np.ndarray) -> bool:
     # ref: ggml-quants.c quantize_row_q5_0_ref; first largest |x| found as in Q4_0;
-    # returns False when x holds NaN or Inf
+    # returns False when x holds NaN or Inf. The high bits gather in qh with 32-bit
+    # shifts (numba's int64 ones do not vectorize as well).
     nb = x.size // 32
     xu = x.view(np.uint32)
     seen = np.uint32(0)
+    four = np.uint32(4)
+    low = np.uint32(0x0F)
     for i in range(nb):
         b = i * 32
-        m = np.uint32(0)
-        for j in range(32):
-            a = xu[b + j] & _ABS
-            m = imax(m, a)
+        m, mx = _first_max_magnitude(x, xu, b)
         seen = imax(seen, m)
-        mx = F32(0.0)
-        if m != np.uint32(0):
-            mx = x[b + _first_with_bits(xu, b, m)]
         d = mx / F32(-16.0)
         inv = F32(1.0) / d if d != F32(0.0) else F32(0.0)
         o = i * 22
         put_f16(out, o, fp32_to_fp16(d))
         qh = np.uint32(0)
-        fast = abs(inv) < _INF
-        for j in range(16):
-            if fast:
-                xi0 = imin(np.int32(31), floor_small(x[b + j] * inv + F32(16.5)))
-                xi1 = imin(np.int32(31), floor_small(x[b + 16 + j] * inv + F32(16.5)))
-            else:
-                xi0 = min(31, to_i8(cvtt_i32(x[b + j] * inv + F32(16.5)))) & 0xFF
-                xi1 = min(31, to_i8(cvtt_i32(x[b + 16 + j] * inv + F32(16.5)))) & 0xFF
-            out[o + 6 + j] = (xi0 & 0x0F) | ((xi1 & 0x0F) << 4)
-            qh |= np.uint32((xi0 & 0x10) >> 4) << np.uint32(j)
-            qh |= np.uint32((xi1 & 0x10) >> 4) << np.uint32(j + 16)
+        if abs(inv) < _INF:
+            for j in range(16):
+                xi0 = np.uint32(imin(np.int32(31), floor_small(x[b + j] * inv + F32(16.5))))
+                xi1 = np.uint32(imin(np.int32(31), floor_small(x[b + 16 + j] * inv + F32(16.5))))
+                out[o + 6 + j] = np.uint8((xi0 & low) | ((xi1 & low) << four))
+                qh |= ((xi0 >> four) << np.uint32(j)) | ((xi1 >> four) << np.uint32(j + 16))
+        else:
+            for j in range(16):
+                xi0 = np.uint32(min(31, to_i8(cvtt_i32(x[b + j] * inv + F32(16.5)))) & 0xFF)
+                xi1 = np.uint32(min(31, to_i8(cvtt_i32(x[b + 16 + j] * inv + F32(16.5)))) & 0xFF)
+                out[o + 6 + j] = np.uint8((xi0 & low) | ((xi1 & low) << four))
+                # codes here may be negative int8 (128..255 as bytes): bit 4 only
+                one = np.uint32(1)
+                qh |= (((xi0 >> four) & one) << np.uint32(j)) | (
+                    ((xi1 >> four) & one) << np.uint32(j + 16)
+                )
         for k in range(4):
-            out[o + 2 + k] = (qh >> np.uint32(8 * k)) & np.uint32(0xFF)
+            out[o + 2 + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
     return seen < _EXP_ALL
 
 
@@ -293,20 +294,28 @@ def _q5_1_quantize(x: np.ndarray, out: np.ndarray) -> bool:
         put_f16(out, o, fp32_to_fp16(d))
         put_f16(out, o + 2, fp32_to_fp16(mn))
         qh = np.uint32(0)
-        fast = abs(inv) < _INF and abs(d) < _INF
-        for j in range(16):
-            # (uint8_t)(x0 + 0.5f): no clamp in the C code, only the low byte survives
-            if fast:
-                xi0 = floor_small((x[b + j] - mn) * inv + F32(0.5)) & 0xFF
-                xi1 = floor_small((x[b + 16 + j] - mn) * inv + F32(0.5)) & 0xFF
-            else:
-                xi0 = cvtt_i32((x[b + j] - mn) * inv + F32(0.5)) & 0xFF
-                xi1 = cvtt_i32((x[b + 16 + j] - mn) * inv + F32(0.5)) & 0xFF
-            out[o + 8 + j] = (xi0 & 0x0F) | ((xi1 & 0x0F) << 4)
-            qh |= np.uint32((xi0 & 0x10) >> 4) << np.uint32(j)
-            qh |= np.uint32((xi1 & 0x10) >> 4) << np.uint32(j + 16)
+        four = np.uint32(4)
+        low = np.uint32(0x0F)
+        one = np.uint32(1)
+        if abs(inv) < _INF and abs(d) < _INF:
+            for j in range(16):
+                # (uint8_t)(x0 + 0.5f): no clamp in the C code, only the low byte survives
+                xi0 = np.uint32(floor_small((x[b + j] - mn) * inv + F32(0.5)) & 0xFF)
+                xi1 = np.uint32(floor_small((x[b + 16 + j] - mn) * inv + F32(0.5)) & 0xFF)
+                out[o + 8 + j] = np.uint8((xi0 & low) | ((xi1 & low) << four))
+                qh |= (((xi0 >> four) & one) << np.uint32(j)) | (
+                    ((xi1 >> four) & one) << np.uint32(j + 16)
+                )
+        else:
+            for j in range(16):
+                xi0 = np.uint32(cvtt_i32((x[b + j] - mn) * inv + F32(0.5)) & 0xFF)
+                xi1 = np.uint32(cvtt_i32((x[b + 16 + j] - mn) * inv + F32(0.5)) & 0xFF)
+                out[o + 8 + j] = np.uint8((xi0 & low) | ((xi1 & low) << four))
+                qh |= (((xi0 >> four) & one) << np.uint32(j)) | (
+                    ((xi1 >> four) & one) << np.uint32(j + 16)
+                )
         for k in range(4):
-            out[o + 4 + k] = (qh >> np.uint32(8 * k)) & np.uint32(0xFF)
+            out[o + 4 + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
     return not bad
 
 
