@@ -52,6 +52,8 @@ def start_hub(storage: Path):
 
 
 def measure(args) -> dict:
+    # before huggingface_hub reads them at import: the Hub test server speaks plain LFS
+    os.environ.update(HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     from huggingface_hub import HfApi
 
     from cluster import BIN, prefect_server, start_nodes, stop_nodes
@@ -62,7 +64,6 @@ def measure(args) -> dict:
     ckpt_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     shutil.rmtree(work / "hub", ignore_errors=True)
     hub, server = start_hub(work / "hub")
-    os.environ.update(HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     api = HfApi(endpoint=hub.url, token=hub.token)
     api.create_repo("bench/gemma-4-31B-widths")
     t0 = time.monotonic()
