@@ -112,8 +112,12 @@ def measure(args) -> dict:
             wall = time.monotonic() - t0
         finally:
             stop_nodes(nodes)
-    out = p.stdout
-    result = json.loads(out[out.rindex("\n{\n") + 1:])
+    (work / "release.out").write_text(p.stdout)
+    (work / "release.err").write_text(p.stderr)
+    out = "\n" + p.stdout  # the summary is the last JSON object on stdout, maybe its first line
+    if "\n{\n" not in out:
+        raise SystemExit(f"release printed no summary (rc {p.returncode})\n{p.stderr[-3000:]}")
+    result = json.loads(out[out.rindex("\n{\n"):])
     if result["state"] != "Completed":
         raise SystemExit(f"release failed: {result.get('message')}\n{p.stderr[-3000:]}")
     manifest = json.loads(Path(result["manifest"].removeprefix("file://")).read_text())
@@ -123,6 +127,16 @@ def measure(args) -> dict:
     return {"checkpoint_bytes": ckpt_bytes, "layers": args.layers, "plan_bytes": plan_bytes,
             "plan_shard_bytes": weights_read, "plan_seconds": plan_s, "release_wall_seconds": wall,
             "served_shard_bytes": served_shards, "chunks": args.chunks, "tasks": tasks}
+
+
+def _eval_memory_gb() -> dict[str, float]:
+    """What each size's base-records task declares (the BF16 file mapped, the real config's
+    batch of 4 x 512 tokens of 262k-wide logits, llama.cpp's compute buffer): the largest
+    single task of a release, placed whole on one node."""
+    from qatgguf.resources import eval_budget
+
+    return {n: round(eval_budget(gguf_bytes=int(gb * 1e9), n_ctx=512, n_seq=4, n_vocab=262144,
+                                 records_bytes=0, chunks=100).memory / 1e9, 1) for n, gb in FAMILY_BF16_GB.items()}
 
 
 def model(m: dict, *, nodes: int = 8, cores: int = 16, mem_gb: int = 64) -> dict:
@@ -148,7 +162,7 @@ def model(m: dict, *, nodes: int = 8, cores: int = 16, mem_gb: int = 64) -> dict
     out: dict = {"nodes": nodes, "cores": cores, "mem_gb": mem_gb, "shard_rate_mb_s_per_cpu": shard_rate / 1e6,
                  "assemble_rate_mb_s": asm_rate / 1e6, "eval_rate_gweight_tokens_s_per_cpu": eval_rate / 1e9,
                  "peak_shard_rss_gb": peak_shard / 1e9, "declared_shard_gb": declared_shard / 1e9,
-                 "shard_slots": slots, "models": {}}
+                 "shard_slots": slots}
     total_shards = 0
     convert_s = 0.0
     for name, gb in FAMILY_BF16_GB.items():
@@ -161,13 +175,22 @@ def model(m: dict, *, nodes: int = 8, cores: int = 16, mem_gb: int = 64) -> dict
     eval_tokens = 100 * 512  # the real config: 100 chunks of 512
     eval_cpu_s = sum(ACTIVE_B[n] * 1e9 * eval_tokens * (1 + len(RECIPES)) / eval_rate for n in FAMILY_BF16_GB)
     eval_wall = eval_cpu_s / (nodes * cores * 0.8)
-    asm_wall = max(gb * 1e9 * (1 + len(RECIPES)) / asm_rate for gb in FAMILY_BF16_GB.values()) / len(RECIPES)
+    # each file is one assembly task, all in parallel: the largest (31B's BF16) decides
+    asm_wall = max(FAMILY_BF16_GB.values()) * 1e9 / asm_rate
+    # the critical path: 31B's base records are one task on one node (every corpus token
+    # through the BF16 model), then its files' ranges (the config's 8 a file) side by side
+    base_31b = PARAMS_B["31B"] * 1e9 * eval_tokens / (eval_rate * cores)
+    critical = conv_wall + asm_wall + base_31b + base_31b / 8
     out.update(total_shards=total_shards, conversion_wall_s=conv_wall, conversion_cpu_s=convert_s * shard_cpus,
-               evaluation_wall_s=eval_wall, assembly_wall_s=asm_wall,
-               total_wall_s=conv_wall + asm_wall + eval_wall,
+               evaluation_wall_s=eval_wall, assembly_wall_s=asm_wall, base_records_31b_s=base_31b,
+               critical_path_s=critical, total_wall_s=max(conv_wall + asm_wall + eval_wall, critical),
                peak_node_memory_gb=(min(cores // shard_cpus, slots // nodes)) * declared_shard / 1e9,
-               peak_eval_memory_gb=max(PARAMS_B[n] * 2 for n in FAMILY_BF16_GB) + 2 * 4 * 512 * 262144 * 4 / 1e9,
-               peak_node_disk_gb=(cores // shard_cpus) * SHARD_GB * (1 + 0.3 + 0.3 + 0.55 + 1.0))
+               eval_memory_gb=_eval_memory_gb(),
+               # four shard tasks (a shard and its BF16, Q8_0, Q4_0 and UD parts each), or
+               # one assembly holding the largest file's parts and the file
+               shard_disk_gb=(cores // shard_cpus) * SHARD_GB * (1 + 0.3 + 0.3 + 0.55 + 1.0),
+               peak_node_disk_gb=max((cores // shard_cpus) * SHARD_GB * (1 + 0.3 + 0.3 + 0.55 + 1.0),
+                                     2 * max(FAMILY_BF16_GB.values())))
     return out
 
 

@@ -148,3 +148,30 @@ def test_local_stack_up_through_a_pipe_and_down(tmp_path):
                     os.killpg(int(f.read_text()), signal.SIGKILL)
                 except (ProcessLookupError, ValueError):
                     pass
+
+
+def _gib(q: str) -> int:
+    assert q.endswith("Gi"), q
+    return int(q[:-2]) * 2**30
+
+
+def test_the_cluster_holds_the_largest_task_of_the_real_family():
+    """Each evaluation task is placed whole on one node: the largest, 31B's BF16 base pass
+    with the real config's settings, must fit what some worker group offers Ray's `memory`
+    resource (the pod's limit less the object store and a GiB for Ray's own processes)."""
+    from qatgguf.config import builtin_config_path, load_release_config
+    from qatgguf.resources import eval_budget
+
+    cfg = load_release_config(builtin_config_path("gemma-4-qat"))
+    (cluster,) = [d for d in _docs("kuberay-cluster.yaml") if d["kind"] == "RayCluster"]
+    offers = {}
+    for g in cluster["spec"]["workerGroupSpecs"]:
+        (c,) = g["template"]["spec"]["containers"]
+        store = int(g["rayStartParams"].get("object-store-memory", 0.3 * _gib(c["resources"]["limits"]["memory"])))
+        offers[g["groupName"]] = _gib(c["resources"]["limits"]["memory"]) - store - 2**30
+    # BF16 checkpoint sizes of the real family as listed on the Hub: 26B-A4B 50.5 GB, 31B 61.4 GB
+    need = {size: eval_budget(gguf_bytes=int(gb * 1e9), n_ctx=cfg.eval.ctx, n_seq=max(1, cfg.eval.batch // cfg.eval.ctx),
+                              n_vocab=262144, records_bytes=0, chunks=cfg.eval.chunks).memory
+            for size, gb in {"26B-A4B": 50.5, "31B": 61.4}.items()}
+    assert max(offers.values()) >= need["31B"], (offers, need)
+    assert offers["cpu"] >= need["26B-A4B"], (offers, need)  # the common nodes take all but the largest

@@ -107,11 +107,17 @@ def assemble_budget(*, gguf_bytes: int) -> TaskBudget:
 
 
 def eval_budget(*, gguf_bytes: int, n_ctx: int, n_seq: int, n_vocab: int, records_bytes: int,
-                chunks: int) -> TaskBudget:
+                chunks: int, n_ubatch: int = 512) -> TaskBudget:
     """Evaluation maps the model (its pages count as resident), keeps a batch of logits
-    (n_seq x n_ctx x n_vocab floats, twice while they are scored) and the base records."""
+    (n_seq x n_ctx x n_vocab floats, twice while they are scored), llama.cpp's compute
+    buffer and the base records."""
     logits = 2 * n_seq * n_ctx * n_vocab * 4
-    return TaskBudget(memory=PROCESS_BASE + gguf_bytes + logits + records_bytes + 256 * MiB,
+    # the compute buffer holds the graph's output, one micro-batch of logits
+    # (ref: llama.cpp src/llama-context.cpp, llama_context::graph_reserve sizes it for
+    # n_ubatch outputs); bench/cluster.py measured a 262k-vocabulary range task 0.3 GB
+    # above the estimate without it
+    compute = min(n_ubatch, n_seq * n_ctx) * n_vocab * 4
+    return TaskBudget(memory=PROCESS_BASE + gguf_bytes + logits + compute + records_bytes + 256 * MiB,
                       disk=gguf_bytes + records_bytes,
                       timeout=_timeout(600, gguf_bytes * max(1, chunks // max(1, n_seq)), 200e6))
 
