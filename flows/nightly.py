@@ -21,8 +21,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.release import _slug, load_config, release, release_context
-from flows.runtime import ensure_prefect_server, ray_task_runner
+from qatgguf.flows.release import _slug, load_config, release, release_context
+from qatgguf.flows.runtime import ensure_prefect_server, ray_task_runner
 from qatgguf import release as core
 
 

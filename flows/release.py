@@ -28,11 +28,11 @@ from prefect.artifacts import (
 from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.runtime import ensure_prefect_server, eval_resources, ray_task_runner, task_resources
+from qatgguf.flows.runtime import ensure_prefect_server, eval_resources, ray_task_runner, task_resources
 from qatgguf import release as core
 from qatgguf import resources as budget
 from qatgguf.config import ModelConfig, ReleaseConfig, builtin_config_path, load_release_config
-from tasks import release as t
+from qatgguf.tasks import release as t
 
 
 class ReleaseFailed(RuntimeError):

@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # the core's log lines go to each task's log in the Prefect UI
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "qatgguf")
-    from flows.release import load_config, run_release
+    from qatgguf.flows.release import load_config, run_release
 
     cfg = load_config(args.config)  # validate before starting anything
     api_url, release_id, state = run_release(
