@@ -515,9 +515,9 @@ class BaseRecordsRef:
 
 
 def _corpus_sha256(corpus: Path) -> str:
-    from qatgguf.evaluate.records import sha256_file
+    from qatgguf.evaluate.records import file_digest
 
-    return sha256_file(corpus)
+    return file_digest(corpus)
 
 
 def base_records_key(base_eval_digest: str, settings: EvalSettings) -> str:
@@ -625,11 +625,11 @@ def gate(ctx: ReleaseContext, *, model: str, recipe: str, result: dict, quant: G
     """Apply the release gate and store the decision beside the numbers (and the size of
     the file they describe). With a naive baseline (`naive_result`, `naive`), the file
     must also have a lower mean KLD than it and be no larger."""
-    from qatgguf.evaluate import EvalResult, GateThresholds, apply_gate, beats_baseline
+    from qatgguf.evaluate import EvalResult, apply_gate, beats_baseline
 
     result = {**result, "quant_size": quant.size, "quant_sha256": quant.sha256}
     numbers = {k: v for k, v in result.items() if k in EvalResult.__dataclass_fields__}
-    decision = apply_gate(EvalResult(**numbers), GateThresholds(**thresholds.model_dump()))
+    decision = apply_gate(EvalResult(**numbers), thresholds)
     if naive_result is not None and naive is not None:
         base = {k: v for k, v in naive_result.items() if k in EvalResult.__dataclass_fields__}
         decision = beats_baseline(decision, EvalResult(**numbers), quant.size, EvalResult(**base), naive.size)

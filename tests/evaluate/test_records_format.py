@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qatgguf.errors import ConfigError, EvaluationError
+from qatgguf.errors import EvaluationError
 from qatgguf.evaluate import metrics as M
-from qatgguf.evaluate.gate import GateThresholds, apply_gate
+from qatgguf.config import GateConfig
+from qatgguf.evaluate.gate import apply_gate
 from qatgguf.evaluate.records import (
     BaseRecords,
     ChunkStats,
@@ -170,18 +171,18 @@ def test_gate() -> None:
     rng = np.random.default_rng(4)
     r = merge([_stats(0, 10, rng)])
     ok = apply_gate(
-        r, GateThresholds(max_mean_kld=1.0, max_kld_99_9=1.0, min_same_top_p=0.5, max_ppl_ratio=10)
+        r, GateConfig(max_mean_kld=1.0, max_kld_99_9=1.0, min_same_top_p=0.5, max_ppl_ratio=10)
     )
     assert ok.passed and not ok.reasons and len(ok.checks) == 4
-    bad = apply_gate(r, GateThresholds(max_mean_kld=1e-9, min_same_top_p=0.99))
+    bad = apply_gate(r, GateConfig(max_mean_kld=1e-9, max_kld_99_9=None, min_same_top_p=0.99, max_ppl_ratio=None))
     assert not bad.passed
     assert any("mean_kld" in x for x in bad.reasons) and any("same_top_p" in x for x in bad.reasons)
     assert "not published" in bad.summary()
     assert bad.to_dict()["passed"] is False
-    with pytest.raises(ConfigError, match="fraction"):
-        GateThresholds(min_same_top_p=95)
-    with pytest.raises(ConfigError):
-        GateThresholds(max_mean_kld=float("nan"))
+    with pytest.raises(ValueError, match="fraction"):
+        GateConfig(min_same_top_p=95)
+    with pytest.raises(ValueError, match="max_mean_kld"):
+        GateConfig(max_mean_kld=float("nan"))
 
 
 def test_an_aligned_file_must_beat_the_naive_one() -> None:
@@ -191,11 +192,11 @@ def test_an_aligned_file_must_beat_the_naive_one() -> None:
     def result(mean_kld: float) -> EvalResult:
         return EvalResult(**{**{f: 0.5 for f in EvalResult.__dataclass_fields__}, "mean_kld": mean_kld})
 
-    ok = apply_gate(result(0.001), GateThresholds(max_mean_kld=0.1))
+    ok = apply_gate(result(0.001), GateConfig(max_mean_kld=0.1, max_kld_99_9=None, min_same_top_p=None, max_ppl_ratio=None))
     assert beats_baseline(ok, result(0.001), 100, result(0.01), 120).passed
     worse = beats_baseline(ok, result(0.02), 100, result(0.01), 120)
     assert not worse.passed and any("mean_kld < naive" in r for r in worse.reasons)
     larger = beats_baseline(ok, result(0.001), 121, result(0.01), 120)
     assert not larger.passed and any("size <= naive: 121 is not <= the naive file's 120" in r for r in larger.reasons)
-    failed = apply_gate(result(0.5), GateThresholds(max_mean_kld=0.1))
+    failed = apply_gate(result(0.5), GateConfig(max_mean_kld=0.1, max_kld_99_9=None, min_same_top_p=None, max_ppl_ratio=None))
     assert not beats_baseline(failed, result(0.5), 100, result(0.9), 120).passed  # the thresholds still hold

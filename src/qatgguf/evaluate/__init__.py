@@ -6,7 +6,7 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-from qatgguf.evaluate.gate import GateDecision, GateThresholds, apply_gate, beats_baseline
+from qatgguf.evaluate.gate import GateDecision, apply_gate, beats_baseline
 from qatgguf.evaluate.records import (
     BaseRecords,
     ChunkStats,
@@ -35,7 +35,6 @@ __all__ = [
     "ChunkStats",
     "EvalResult",
     "GateDecision",
-    "GateThresholds",
     "RecordKey",
     "RunnerSettings",
     "apply_gate",

@@ -27,8 +27,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import mmap
-import os
 import struct
 import tempfile
 from collections.abc import Callable, Sequence
@@ -39,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from qatgguf.errors import EvaluationError
+from qatgguf.files import atomic_output, sha256_file
 from qatgguf.evaluate.metrics import KLD_LOG_PROB_FLOOR as M_FLOOR
 from qatgguf.evaluate.metrics import QuantizedLogProbs, TokenValues, summarize
 from qatgguf.evaluate.runner import LogitsRunner, RunnerSettings, read_corpus_text
@@ -51,26 +50,14 @@ _ALIGN = 64
 _ROW_BLOCK = 64  # rows encoded at once: bounds memory at 262k vocab (64 x 262144 x 2 B)
 
 
-def sha256_file(path: Path, *, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
+def file_digest(path: Path) -> str:
+    """The sha256 of an input file; raises EvaluationError naming it when it is unreadable."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                return h.hexdigest()
-            # hashed from a memory map: no copy of the (multi-GB) file through a buffer
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                view = memoryview(m)
-                try:
-                    for o in range(0, size, chunk):
-                        h.update(view[o : o + chunk])
-                finally:
-                    view.release()
+        return sha256_file(path)[0]
     except OSError as exc:
         raise EvaluationError(
             f"{path}: file not found or unreadable ({exc.strerror}); check the path"
         ) from exc
-    return h.hexdigest()
 
 
 class _Digests:
@@ -81,7 +68,7 @@ class _Digests:
         self._done = {name: d for name, (_, d) in files.items() if d}
         todo = {name: p for name, (p, d) in files.items() if not d}
         self._pool = ThreadPoolExecutor(1) if todo else None
-        self._futures = {n: self._pool.submit(sha256_file, p) for n, p in todo.items()}
+        self._futures = {n: self._pool.submit(file_digest, p) for n, p in todo.items()}
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
@@ -174,19 +161,12 @@ def _write_arrays(path: Path, header: dict, arrays: dict[str, np.ndarray]) -> No
     header = {**header, "arrays": layout}
     hb = json.dumps(header, sort_keys=True).encode()
     data_start = _aligned(len(MAGIC) + 8 + len(hb))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + struct.pack("<Q", len(hb)) + hb)
-            for name, a in arrays.items():
-                f.seek(data_start + layout[name]["offset"])
-                f.write(np.ascontiguousarray(a).tobytes())
-            f.truncate(data_start + offset)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(MAGIC + struct.pack("<Q", len(hb)) + hb)
+        for name, a in arrays.items():
+            f.seek(data_start + layout[name]["offset"])
+            f.write(np.ascontiguousarray(a).tobytes())
+        f.truncate(data_start + offset)
 
 
 class BaseRecords:
@@ -484,9 +464,9 @@ def count_chunks(base_gguf: Path, corpus: Path, *, ctx: int, chunks: int | None 
     """Number of ctx-token chunks llama-perplexity would evaluate (`--chunks` caps it)."""
     import llama_cpp
 
-    from qatgguf.evaluate.runner import _quiet_llama
+    from qatgguf.evaluate.runner import quiet_llama
 
-    _quiet_llama()
+    quiet_llama()
     mp = llama_cpp.llama_model_default_params()
     mp.vocab_only = True
     model = llama_cpp.llama_model_load_from_file(str(base_gguf).encode(), mp)
@@ -514,8 +494,8 @@ def record_key(
 ) -> RecordKey:
     settings = settings or RunnerSettings()
     return RecordKey(
-        base_sha256=base_sha256 or sha256_file(base_gguf),
-        corpus_sha256=corpus_sha256 or sha256_file(corpus),
+        base_sha256=base_sha256 or file_digest(base_gguf),
+        corpus_sha256=corpus_sha256 or file_digest(corpus),
         ctx=ctx,
         settings=tuple(sorted(settings.logits_key().items())),
         chunk_start=chunk_range[0],
@@ -661,15 +641,12 @@ class ChunkStats:
             )
         }
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
             np.savez(
                 f,
                 meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
                 **{k: getattr(self.values, k) for k in self._FIELDS},
             )
-        os.replace(tmp, path)
         return path
 
     @classmethod
@@ -967,9 +944,7 @@ def export_llamacpp(records: Sequence[Path], out: Path) -> Path:
     nv = 2 * ((nv_tok + 1) // 2) + 4
     n_chunk = recs[-1].chunk_end - recs[0].chunk_start
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_output(out) as tmp, open(tmp, "wb") as f:
         f.write(LLAMACPP_MAGIC + struct.pack("<Iii", ctx, nv_tok, n_chunk))
         for r in recs:
             f.writelines(
@@ -984,5 +959,4 @@ def export_llamacpp(records: Sequence[Path], out: Path) -> Path:
                 )
                 row[:, 4 : 4 + nv_tok] = q.q
                 f.write(row.tobytes())
-    os.replace(tmp, out)
     return out

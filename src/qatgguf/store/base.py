@@ -222,16 +222,6 @@ def loads_json(data: bytes, *, uri: str) -> Any:
         raise StoreError(f"{uri}: not valid JSON ({exc}); was it written with put_json?") from None
 
 
-def sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_SIZE):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
 class HashingReader:
     """A read-only, non-seekable stream over a file that hashes what it hands out.
 
