@@ -330,22 +330,20 @@ def run_models(cfg: ReleaseConfig, ctx: core.ReleaseContext, settings: core.Eval
             # what the nightly compares: the inputs this release actually used
             s["fingerprint"] = core.model_fingerprint(cfg, runs[name].model, runs[name].plan.source)
     manifest = core.write_manifest(ctx, cfg, summary)
-    rows = core.release_rows(summary)
     tables = core.release_tables(cfg, summary)
+    result = core.release_result(cfg, release_id=ctx.release_id, manifest_uri=manifest.uri, summary=summary,
+                                 tables=tables)
+    rows, failed, gate_failed = result["rows"], result["failed"], result["gate_failed"]
     slug = _slug(cfg.family)
     if rows:
         create_table_artifact(key=f"{slug}-eval", table=rows, description=f"Release {ctx.release_id}: every file")
     for table in tables:
         create_table_artifact(key=f"{slug}-{_slug(table.title)}", table=table.records(),
                               description=f"Release {ctx.release_id}: {table.title}")
-    create_markdown_artifact(key=f"{slug}-release", markdown=_report(cfg, ctx, summary, manifest.uri, tables))
-    failed = [f"{name}: {s['error']}" for name, s in summary.items() if s["status"] == "failed"]
-    gate_failed = [f"{m}/{r}" for m, s in summary.items() for r, g in s["gates"].items() if not g["passed"]]
+    create_markdown_artifact(key=f"{slug}-release", markdown=core.release_report(
+        family=cfg.family, release_id=ctx.release_id, summary=summary, manifest_uri=manifest.uri, tables=tables))
     if gate_failed:
         logger.warning("gate failed, not published: %s", ", ".join(gate_failed))
-    result = {"release_id": ctx.release_id, "manifest": manifest.uri, "rows": rows, "models": summary,
-              "tables": [{"title": t.title, "markdown": t.markdown()} for t in tables],
-              "gate_failed": gate_failed, "failed": failed}
     if failed:
         raise ReleaseFailed(f"release {ctx.release_id}: {len(failed)} of {len(summary)} model(s) failed "
                             f"(manifest {manifest.uri}): " + " | ".join(failed))
@@ -371,25 +369,3 @@ def run_release(
         )
     return api_url, release_id, state
 
-
-def _report(cfg: ReleaseConfig, ctx: core.ReleaseContext, summary: dict, manifest_uri: str,
-            tables: list) -> str:
-    lines = [f"# Release {ctx.release_id} of {cfg.family}", "", f"Manifest: `{manifest_uri}`", ""]
-    for table in tables:
-        lines += [f"## {table.title}", "", table.note, "", table.markdown()]
-    for name, s in summary.items():
-        if s["status"] == "failed":
-            state = f"**failed**: {s['error']}"
-        elif s["status"] == "published":
-            state = f"published to `{s['repo']}`"
-        else:
-            state = "**not published**"
-        lines.append(f"## {name}: {state}")
-        for r, g in s["gates"].items():
-            verdict = "PASS" if g["passed"] else "FAIL — " + "; ".join(g["reasons"])
-            lines.append(f"- {core.quant_label(r)}: {verdict}")
-        done = [x for x in s["tasks"] if x.get("seconds") is not None]
-        reused = sum(1 for x in done if x.get("reused"))
-        lines.append(f"- tasks: {len(s['tasks'])}, of which {reused} reused finished outputs")
-        lines.append("")
-    return "\n".join(lines)
