@@ -31,11 +31,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from qatgguf.config import GateConfig, ModelConfig, ReleaseConfig
+from qatgguf.config import EvalConfig, GateConfig, ModelConfig, ReleaseConfig
 from qatgguf.convert.source import SourceOptions, SourceRef, open_reader, remove_fetched, snapshot
-from qatgguf.errors import ConfigError, StoreError
+from qatgguf.errors import ConfigError
 from qatgguf.keys import (
     CONVERTER_VERSION,
     EVAL_EXCLUDED_KEYS,
@@ -215,7 +214,7 @@ def part_key(plan, index: int) -> str:
                        kernels=kernel_versions(kernels), converter=CONVERTER_VERSION)
 
 
-def quantize_shard(ctx: ReleaseContext, model: str, plans: dict[str, PlanRef], index: int) -> ShardResult:
+def quantize_shard(ctx: ReleaseContext, model: str, plan_refs: dict[str, PlanRef], index: int) -> ShardResult:
     """Convert one safetensors shard for every recipe whose part is not in the store yet:
     fetch exactly that shard at the planned revision (digest checked), convert it once per
     recipe, store each part under its content key, delete the shard. Scratch space: the
@@ -225,7 +224,7 @@ def quantize_shard(ctx: ReleaseContext, model: str, plans: dict[str, PlanRef], i
     store = ctx.store()
     out: dict[str, PartRef] = {}
     with measure() as stats, scratch(f"{model}-shard{index}-") as work:
-        loaded = {r: _load_plan(store, p.ref) for r, p in plans.items()}
+        loaded = {r: _load_plan(store, p.ref) for r, p in plan_refs.items()}
         keys = {r: part_key(plan, index) for r, plan in loaded.items()}
         for r, k in keys.items():
             ref = _reuse(store, cas_key("parts", k, "part"))
@@ -300,7 +299,7 @@ def _store_output(store, key: str, kind: str, recipe: str, paths: Sequence[Path]
 class ModelPlan:
     model: str
     source: SourceRef
-    plans: dict[str, PlanRef]  # recipe -> the stored plan
+    plan_refs: dict[str, PlanRef]  # recipe -> the stored plan (its key and store reference)
     shards: tuple[ShardInfo, ...]
     mmproj: PlanRef | None
     gguf_bytes: dict[str, int]  # recipe -> tensor bytes of its file
@@ -319,7 +318,7 @@ class ModelPlan:
 
 
 def plan_model(ctx: ReleaseContext, model: ModelConfig, recipes: Sequence[str], *, source: str,
-               base_recipe: str, settings: EvalSettings, n_parts: int) -> ModelPlan:
+               base_recipe: str, settings: EvalConfig, n_parts: int) -> ModelPlan:
     """Plan every recipe (and the projector) of one model from the source's small files and
     shard headers, and validate the checkpoint before any heavy work. Plans are content
     addressed: an unchanged source and recipe reuse the stored plan without reading a
@@ -387,7 +386,7 @@ def plan_model(ctx: ReleaseContext, model: ModelConfig, recipes: Sequence[str], 
     log.info("planned %s: %d shards (%d already converted), recipes %s, source %s@%s", model.name, len(shards),
              len(parts_done), ", ".join(recipes), ref.uri, ref.revision[:12])
     return ModelPlan(model=model.name, source=ref,
-                     plans={r: PlanRef(r, keys[r], found[r]) for r in recipes}, shards=tuple(shards),
+                     plan_refs={r: PlanRef(r, keys[r], found[r]) for r in recipes}, shards=tuple(shards),
                      mmproj=PlanRef("mmproj", mm_key, mm_found) if has_mm else None,
                      gguf_bytes={r: sum(t.nbytes for s in p.shards for t in s.tensors) for r, p in plans.items()},
                      n_vocab=n_vocab, parts_done=parts_done, gguf_done=gguf_done, mmproj_done=mmproj_done,
@@ -475,23 +474,18 @@ def mmproj_model(ctx: ReleaseContext, model: ModelConfig, plan: PlanRef) -> GGUF
 # ---------------------------------------------------------------------------- evaluate
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    corpus: str | None
-    ctx: int
-    chunks: int | None
-    threads: int = 1
-    batch: int = 2048
-    gpu: bool = False  # offload every layer (set by the scheduler when it gave a GPU)
+def runner_settings(settings: EvalConfig, *, gpu: bool = False):
+    """The llama.cpp settings (`RunnerSettings`) of an evaluation under the release's
+    `eval` config; `gpu`: offload every layer (the scheduler gave the task a GPU)."""
+    from qatgguf.evaluate import RunnerSettings
 
-    def runner(self):
-        from qatgguf.evaluate import RunnerSettings
+    return RunnerSettings(n_batch=settings.batch, n_threads=settings.threads, n_gpu_layers=-1 if gpu else 0)
 
-        return RunnerSettings(n_batch=self.batch, n_threads=self.threads, n_gpu_layers=-1 if self.gpu else 0)
 
-    def key(self) -> dict:
-        """What decides the numbers (threads and offload do not)."""
-        return {"ctx": self.ctx, "chunks": self.chunks, "logits": self.runner().logits_key()}
+def eval_key(settings: EvalConfig) -> dict:
+    """What of the `eval` config decides the numbers (threads, offload and how the chunks
+    are cut into tasks do not): part of the evaluation content keys."""
+    return {"ctx": settings.ctx, "chunks": settings.chunks, "logits": runner_settings(settings).logits_key()}
 
 
 def _corpus_path(corpus: str | None) -> Path:
@@ -520,11 +514,11 @@ def _corpus_sha256(corpus: Path) -> str:
     return file_digest(corpus)
 
 
-def base_records_key(base_eval_digest: str, settings: EvalSettings) -> str:
+def base_records_key(base_eval_digest: str, settings: EvalConfig) -> str:
     from qatgguf.llamacpp import ggml_commit
 
     return content_key("base-records", base=base_eval_digest, corpus=_corpus_sha256(_corpus_path(settings.corpus)),
-                       settings=settings.key(), llama_cpp=ggml_commit())
+                       settings=eval_key(settings), llama_cpp=ggml_commit())
 
 
 def eval_summary_key(quant_eval_digest: str, records_key: str, n_parts: int) -> str:
@@ -533,7 +527,8 @@ def eval_summary_key(quant_eval_digest: str, records_key: str, n_parts: int) -> 
     return content_key("eval-summary", quant=quant_eval_digest, base=records_key, n_parts=n_parts)
 
 
-def base_records(ctx: ReleaseContext, base: GGUFOutput, settings: EvalSettings) -> BaseRecordsRef:
+def base_records(ctx: ReleaseContext, base: GGUFOutput, settings: EvalConfig, *, gpu: bool = False
+                 ) -> BaseRecordsRef:
     """The base model's log-prob records over the corpus, computed once per (base model,
     corpus, settings, llama.cpp commit): a record already in the store is reused, whatever
     release made it."""
@@ -541,7 +536,7 @@ def base_records(ctx: ReleaseContext, base: GGUFOutput, settings: EvalSettings) 
 
     store = ctx.store()
     corpus = _corpus_path(settings.corpus)
-    runner = settings.runner()
+    runner = runner_settings(settings, gpu=gpu)
     corpus_sha = _corpus_sha256(corpus)
     key = base_records_key(base.eval_digest, settings)
     with measure() as stats:
@@ -571,7 +566,7 @@ class RangeOutput:
 
 
 def eval_range(ctx: ReleaseContext, *, model: str, recipe: str, quant: GGUFOutput, records: BaseRecordsRef,
-               part: int, n_parts: int, settings: EvalSettings) -> RangeOutput:
+               part: int, n_parts: int, settings: EvalConfig, gpu: bool = False) -> RangeOutput:
     """Evaluate range `part` of `n_parts` of the corpus chunks and store its per-token
     values under a key of (quant, base records, range, settings, llama.cpp commit)."""
     from qatgguf.evaluate import evaluate_chunks, plan_chunk_ranges
@@ -581,7 +576,7 @@ def eval_range(ctx: ReleaseContext, *, model: str, recipe: str, quant: GGUFOutpu
     if part >= len(ranges):
         return RangeOutput("", None)
     key = content_key("eval-range", quant=quant.eval_digest, base=records.key, range=list(ranges[part]),
-                      settings=settings.key(), llama_cpp=ggml_commit())
+                      settings=eval_key(settings), llama_cpp=ggml_commit())
     store = ctx.store()
     with measure() as stats:
         found = store.stat(cas_key("eval", key, "range.npz"))
@@ -592,7 +587,7 @@ def eval_range(ctx: ReleaseContext, *, model: str, recipe: str, quant: GGUFOutpu
             rec = _fetch(store, records.records, work, stats)
             gguf = _fetch_gguf(store, quant, work, stats)
             values = evaluate_chunks(gguf, rec, chunk_range=ranges[part], quant_sha256=quant.sha256,
-                                     n_threads=settings.threads, n_gpu_layers=-1 if settings.gpu else 0)
+                                     n_threads=settings.threads, n_gpu_layers=-1 if gpu else 0)
             path = values.save(work / "range.npz")
             ref = store.put_file(path, cas_key("eval", key, "range.npz"), exclusive=True)
         log.info("%s %s range %d/%d: chunks %s", model, recipe, part + 1, len(ranges), ranges[part])
@@ -604,7 +599,7 @@ def merge_eval(ctx: ReleaseContext, *, model: str, recipe: str, ranges: Sequence
     """Merge the chunk ranges exactly (per-token values are kept) into llama-perplexity's
     numbers, stored under the file's evaluation summary key (what a later release finds
     instead of evaluating again)."""
-    from qatgguf.evaluate import ChunkStats, merge
+    from qatgguf.evaluate import RangeValues, merge
 
     store = ctx.store()
     done = [r for r in ranges if r.ref is not None]
@@ -614,7 +609,7 @@ def merge_eval(ctx: ReleaseContext, *, model: str, recipe: str, ranges: Sequence
         return store.get_json(found.uri)
     stats = StepStats()
     with scratch(f"{model}-{recipe}-merge-") as work:
-        values = [ChunkStats.load(_fetch(store, r.ref, work / str(i), stats)) for i, r in enumerate(done)]
+        values = [RangeValues.load(_fetch(store, r.ref, work / str(i), stats)) for i, r in enumerate(done)]
     data = {**merge(values).to_dict(), "key": key, "ranges": [r.key for r in done]}
     store.put_json(data, cas_key("eval", key, "result.json"), exclusive=True)
     return data
@@ -816,7 +811,7 @@ def _kld_plot(store, model: str, work: Path, recipes: tuple[str, str], labels: d
     evaluations list (by content key)."""
     import numpy as np
 
-    from qatgguf.evaluate import ChunkStats
+    from qatgguf.evaluate import RangeValues
     from qatgguf.hub.plot import plot_kld_distribution
 
     values = []
@@ -824,7 +819,7 @@ def _kld_plot(store, model: str, work: Path, recipes: tuple[str, str], labels: d
         keys = gates[recipe]["result"].get("ranges") or []
         refs = [store.stat(cas_key("eval", k, "range.npz")) for k in keys]
         stats = [
-            ChunkStats.load(store.get_file(r.uri, work / f"{recipe}-range-{i}.npz", sha256=r.sha256))
+            RangeValues.load(store.get_file(r.uri, work / f"{recipe}-range-{i}.npz", sha256=r.sha256))
             for i, r in enumerate(refs)
             if r is not None
         ]

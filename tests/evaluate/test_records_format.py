@@ -14,7 +14,7 @@ from qatgguf.config import GateConfig
 from qatgguf.evaluate.gate import apply_gate
 from qatgguf.evaluate.records import (
     BaseRecords,
-    ChunkStats,
+    RangeValues,
     _RecordWriter,
     export_llamacpp,
     merge,
@@ -81,7 +81,7 @@ def test_export_llamacpp_roundtrip(tmp_path: Path) -> None:
     nv = 2 * ((V + 1) // 2) + 4
     assert (
         out.stat().st_size == 20 + 4 * CTX * 3 + 2 * 3 * (CTX - 1 - CTX // 2) * nv
-    )  # llamacpp-runtime.md §4.6
+    )  # ref: tools/perplexity/perplexity.cpp perplexity(): the --kl-divergence-base file it writes
     rec = BaseRecords(out)
     assert rec.llamacpp and (rec.chunk_start, rec.chunk_end) == (0, 3)
     ours = BaseRecords(p2)
@@ -115,7 +115,7 @@ def test_plan_chunk_ranges() -> None:
         plan_chunk_ranges(0, n_parts=1)
 
 
-def _stats(a: int, b: int, rng: np.random.Generator, quant: str = "q") -> ChunkStats:
+def _stats(a: int, b: int, rng: np.random.Generator, quant: str = "q") -> RangeValues:
     n = (b - a) * 15
     v = M.TokenValues(
         nll=rng.random(n, dtype=np.float32) * 3,
@@ -124,7 +124,7 @@ def _stats(a: int, b: int, rng: np.random.Generator, quant: str = "q") -> ChunkS
         p_diff=(rng.random(n, dtype=np.float32) - 0.5) * 0.1,
         same_top=rng.random(n) < 0.9,
     )
-    return ChunkStats(
+    return RangeValues(
         chunk_start=a,
         chunk_end=b,
         ctx=32,
@@ -141,7 +141,7 @@ def _stats(a: int, b: int, rng: np.random.Generator, quant: str = "q") -> ChunkS
 def test_merge_is_exact_and_checks_ranges(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     s1, s2 = _stats(0, 4, rng), _stats(4, 10, rng)
-    whole = ChunkStats(
+    whole = RangeValues(
         0, 10, 32, V, "b", "c", "q", 10, 5, M.TokenValues.concat([s1.values, s2.values])
     )
     assert merge([s2, s1]) == merge([whole])
@@ -160,7 +160,7 @@ def test_merge_is_exact_and_checks_ranges(tmp_path: Path) -> None:
         "base_size",
         "quant_size",
     }
-    assert merge([ChunkStats.load(s1.save(tmp_path / "a.npz")), s2]) == r
+    assert merge([RangeValues.load(s1.save(tmp_path / "a.npz")), s2]) == r
     with pytest.raises(EvaluationError, match="gap or overlap"):
         merge([s1, _stats(5, 10, rng)])
     with pytest.raises(EvaluationError, match="different evaluations"):

@@ -100,7 +100,7 @@ def test_one_failing_model_does_not_stop_the_others(tmp_path, tiny_family, prefe
     cfg_path = _config(tmp_path, models=raw["models"], recipes=["q4_0"], publish_recipes=["q4_0"])
     state: State = release(config=str(cfg_path), models=["12B", "31B"], return_state=True)
     assert state.is_failed()
-    assert f"quantize-12B-shard-1: NonFiniteError: " in state.message and "12B" in state.message
+    assert "quantize-12B-shard-1: NonFiniteError: " in state.message and "12B" in state.message
     assert "1 of 2 model(s) failed" in state.message
     manifest_uri = state.message.split("(manifest ", 1)[1].split(")", 1)[0]
     manifest = json.loads(Path(manifest_uri.removeprefix("file://")).read_text())

@@ -372,7 +372,7 @@ def plan_mmproj(src: Path | str | SourceRef, *, outtype: str = "bf16",
 
 
 def _plan_mmproj(ref: SourceRef, reader: Any, src: Path, outtype: str) -> MmprojPlan | None:
-    from qatgguf.convert.plan import _shard_files
+    from qatgguf.convert.plan import shard_files
 
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
@@ -383,7 +383,7 @@ def _plan_mmproj(ref: SourceRef, reader: Any, src: Path, outtype: str) -> Mmproj
     if hf_arch is None or not raw.get("vision_config"):
         return None
     unified = hf_arch == UNIFIED_ARCH
-    files, _ = _shard_files(ref, src)
+    files, _ = shard_files(ref, src)
     found: list[tuple[str, Any]] = []
     for f in files:
         h = read_shard_header(reader, f)

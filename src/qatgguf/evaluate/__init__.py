@@ -9,7 +9,7 @@ from pathlib import Path
 from qatgguf.evaluate.gate import GateDecision, apply_gate, beats_baseline
 from qatgguf.evaluate.records import (
     BaseRecords,
-    ChunkStats,
+    RangeValues,
     EvalResult,
     RecordKey,
     compute_base_records,
@@ -20,7 +20,6 @@ from qatgguf.evaluate.records import (
     merge,
     plan_chunk_ranges,
     record_key,
-    stats_store_key,
 )
 from qatgguf.evaluate.runner import RunnerSettings
 
@@ -32,7 +31,7 @@ def default_corpus() -> Path:
 
 __all__ = [
     "BaseRecords",
-    "ChunkStats",
+    "RangeValues",
     "EvalResult",
     "GateDecision",
     "RecordKey",
@@ -48,5 +47,4 @@ __all__ = [
     "merge",
     "plan_chunk_ranges",
     "record_key",
-    "stats_store_key",
 ]

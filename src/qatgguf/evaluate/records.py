@@ -141,13 +141,6 @@ class RecordKey:
         )
 
 
-def stats_store_key(key: RecordKey, quant_sha256: str) -> str:
-    """Artifact-store key of a quant's ChunkStats over the record `key` (a nightly run that
-    finds it has nothing to recompute for this quant and range)."""
-    rel = key.store_key().removeprefix("eval-base/").removesuffix(".qgkl")
-    return f"eval-stats/{quant_sha256}/{rel}.npz"
-
-
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
@@ -609,7 +602,7 @@ def _key_dict(key: RecordKey) -> dict:
 
 
 @dataclass(frozen=True)
-class ChunkStats:
+class RangeValues:
     """Per-token values of one evaluated chunk range: small, and merged exactly by `merge`."""
 
     chunk_start: int
@@ -650,7 +643,7 @@ class ChunkStats:
         return path
 
     @classmethod
-    def load(cls, path: Path) -> ChunkStats:
+    def load(cls, path: Path) -> RangeValues:
         with np.load(path) as z:
             meta = json.loads(z["meta"].tobytes())
             return cls(**meta, values=TokenValues(*(z[k] for k in cls._FIELDS)))
@@ -665,7 +658,7 @@ def evaluate_chunks(
     quant_sha256: str | None = None,
     n_threads: int | None = None,
     n_gpu_layers: int | None = None,
-) -> ChunkStats:
+) -> RangeValues:
     """Evaluate the quant on chunks [start, end) against base records (ours or llama.cpp's).
 
     `settings` defaults to the ones the record was made with (so the logits are comparable);
@@ -688,7 +681,7 @@ def _evaluate_chunks(
     n_threads: int | None,
     n_gpu_layers: int | None,
     digests: _Digests,
-) -> ChunkStats:
+) -> RangeValues:
     recs = [
         BaseRecords(p)
         for p in ([base_records] if isinstance(base_records, (str, Path)) else base_records)
@@ -736,7 +729,7 @@ def _evaluate_chunks(
                 parts.append(owner[i].token_values(i, logits, work))
         finally:
             work.close()
-    return ChunkStats(
+    return RangeValues(
         chunk_start=a,
         chunk_end=b,
         ctx=ctx,
@@ -861,7 +854,7 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def merge(stats: Sequence[ChunkStats]) -> EvalResult:
+def merge(stats: Sequence[RangeValues]) -> EvalResult:
     """Join range results into one EvalResult. Exact: per-token values are concatenated in
     chunk order and every statistic is computed once over all of them, so the result does
     not depend on how the chunks were split. Raises EvaluationError on gaps, overlaps or

@@ -18,7 +18,7 @@ from numba import njit
 
 from qatgguf.errors import BlockSizeError, NonFiniteError, QuantizationError, UnknownQuantTypeError
 from qatgguf.quant._fp import max_magnitude
-from qatgguf.quant.registry import FALLBACK_TYPES, KERNELS, _load_kernels, kernel_for, type_size
+from qatgguf.quant.registry import FALLBACK_TYPES, KERNELS, load_kernels, kernel_for, type_size
 
 # Rows are converted and quantized this many float32 elements at a time, so memory beyond
 # the output stays bounded for any tensor length.
@@ -259,7 +259,7 @@ def dequantize(data: np.ndarray, qtype: str | int | GGMLQuantizationType) -> np.
         arr = np.ascontiguousarray(arr).view(np.uint8)
     if arr.ndim == 0:
         raise QuantizationError("cannot dequantize a 0-d value")
-    _load_kernels()
+    load_kernels()
     if t not in KERNELS:
         from gguf import quants
 

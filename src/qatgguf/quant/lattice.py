@@ -4,7 +4,8 @@ trained on, instead of recomputing scales.
 A QAT int-k checkpoint stores, per block, `w_i = bf16(s * k_i)` with integer codes k_i
 and one scale s. The reference quantizers re-derive the scale from the block maximum,
 which re-rounds every code unless the maximum happens to carry the extreme code. Here,
-per block (ref: docs of the project, "gguf-formats-and-qat-lattice", section 3b):
+per block (ref: docs/DESIGN.md, "QAT grid recovery"; the formats: ggml/src/ggml-quants.c
+quantize_row_q4_0_ref, quantize_row_tq2_0_ref):
 
 1. the max-|w| element carries the largest |k| = m; try s = amax/m for m from the
    largest code magnitude down (finest grid first);
@@ -24,18 +25,15 @@ Q4_0 holds codes [-8, 7] (d > 0) or [-7, 8] (d < 0); TQ2_0 holds [-1, 2]*d, so t
 
 from __future__ import annotations
 
-import json
-import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit
 
-from qatgguf.errors import CheckpointError, QuantizationError
+from qatgguf.errors import QuantizationError
 from qatgguf.quant._fp import (
     F32,
     MAGIC_NEAREST,
@@ -47,11 +45,10 @@ from qatgguf.quant._fp import (
     imin,
     nearest_int,
 )
-from qatgguf.quant.legacy import _q4_0_blocks
-from qatgguf.quant.ternary import _tq2_0_blocks
+from qatgguf.quant.legacy import q4_0_blocks
+from qatgguf.quant.ternary import tq2_0_blocks
 
 _NO_CAND = 0xFFFF
-_RECIP = np.array([0.0] + [1.0 / k for k in range(1, 17)], dtype=np.float32)
 _WIDEN_LO = F32(1.0 - 2.0**-20)
 _WIDEN_HI = F32(1.0 + 2.0**-20)
 _F32_INF = F32(np.inf)
@@ -230,9 +227,9 @@ def _grid_blocks(
                 break
         if m == 0:
             if bs == 32:
-                _q4_0_blocks(x, out, i, i + 1)
+                q4_0_blocks(x, out, i, i + 1)
             else:
-                _tq2_0_blocks(x, out, i, i + 1)
+                tq2_0_blocks(x, out, i, i + 1)
             continue
         # every fp16 value c in [s_lo, s_hi] (widened by the rounding margin) whose products
         # bf16(c*|k_i|) give back every |w_i|; the closest to s_ls, and the closest bf16-valued
@@ -283,9 +280,9 @@ def _grid_blocks(
             if hl == 0 or hl >= 0x7C00:
                 # scale outside fp16: the reference encoding it is
                 if bs == 32:
-                    _q4_0_blocks(x, out, i, i + 1)
+                    q4_0_blocks(x, out, i, i + 1)
                 else:
-                    _tq2_0_blocks(x, out, i, i + 1)
+                    tq2_0_blocks(x, out, i, i + 1)
                 continue
             best_any = hl
         else:
@@ -605,130 +602,3 @@ def grid_signature(stats: GridStats, qtype: T | str) -> dict[str, object]:
         full = (stats.max_codes.get(127, 0) + stats.max_codes.get(-127, 0)) / total
         recipe = f"8-bit grid, codes -127..127: the largest weight has code 127 in {full:.1%} of blocks"
     return {"max_code_shares": shares, "scale_rounding": stats.scale_rounding(), "recipe": recipe}
-
-
-# ------------------------------------------------------------------ checkpoint report
-
-_ST_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
-
-
-@dataclass(frozen=True)
-class TensorGridReport:
-    """One tensor of a checkpoint: how much of it sits on a 4-bit (Q4_0), 2-bit (TQ2_0)
-    and 8-bit (Q8_0) grid, the grid detection chooses (`grid`, None: none) and the
-    signature of that grid (of the 4-bit scan when there is none)."""
-
-    file: str
-    tensor: str
-    shape: tuple[int, ...]
-    dtype: str
-    q4_blocks: int
-    q4_fraction: float
-    tq2_blocks: int
-    tq2_fraction: float
-    signature: dict[str, object]
-    q8_blocks: int = 0
-    q8_fraction: float = 0.0
-    grid: str | None = None
-
-
-def _read_header(path: Path) -> tuple[dict[str, dict], int]:
-    try:
-        with path.open("rb") as fh:
-            (hlen,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(hlen))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(
-            f"not a readable safetensors file ({exc}). Fix: re-download the shard", file=str(path)
-        ) from exc
-    header.pop("__metadata__", None)
-    return header, 8 + hlen
-
-
-def _load_tensor(path: Path, name: str, info: dict, base: int) -> np.ndarray:
-    dtype = info.get("dtype")
-    if dtype not in _ST_DTYPES:
-        raise CheckpointError(
-            f"dtype {dtype} is not a float type the grid scan reads (BF16, F16, F32)",
-            file=str(path),
-            tensor=name,
-        )
-    start, end = info["data_offsets"]
-    shape = tuple(int(s) for s in info["shape"])
-    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))
-    arr = raw.view(_ST_DTYPES[dtype])
-    if dtype == "BF16":
-        arr = (arr.astype(np.uint32) << 16).view(np.float32)
-    if arr.size != int(np.prod(shape)):
-        raise CheckpointError(
-            f"data holds {arr.size} elements but the header shape {shape} needs {int(np.prod(shape))}. "
-            f"Fix: re-download the shard",
-            file=str(path),
-            tensor=name,
-        )
-    return arr.reshape(shape)
-
-
-def lattice_report(src_dir: str | Path, *, min_elements: int = 256) -> list[TensorGridReport]:
-    """Scan every float tensor of a safetensors checkpoint (a dir or one file), tensor by
-    tensor, for QAT grids, and name the grid detection chooses (as `detect_grid`: the
-    coarsest of TQ2_0, Q4_0, Q8_0 holding >= MIN_GRID_SHARE of the blocks). Tensors with
-    fewer than `min_elements` or a last dimension that is not a multiple of 32 are skipped
-    (norms, biases, scalars).
-
-    Raises CheckpointError naming the file (and tensor) on unreadable input.
-    """
-    src = Path(src_dir)
-    files = sorted(src.glob("*.safetensors")) if src.is_dir() else [src]
-    if not files:
-        raise CheckpointError(
-            "no *.safetensors files. Fix: point at a checkpoint directory", file=str(src)
-        )
-    out: list[TensorGridReport] = []
-    for path in files:
-        header, base = _read_header(path)
-        for name in sorted(header):
-            info = header[name]
-            shape = tuple(int(s) for s in info.get("shape", []))
-            if (
-                info.get("dtype") not in _ST_DTYPES
-                or not shape
-                or int(np.prod(shape)) < min_elements
-            ):
-                continue
-            if shape[-1] % 32:
-                continue
-            x = _load_tensor(path, name, info, base)
-            q4 = scan_grid(x, T.Q4_0)
-            tq2 = scan_grid(x, T.TQ2_0) if shape[-1] % 256 == 0 else GridStats()
-            # the 8-bit scan only where no coarser grid fits (every 4-bit grid is one)
-            if max(q4.fraction, tq2.fraction) >= MIN_GRID_SHARE:
-                q8 = GridStats()
-            else:
-                q8 = scan_grid(x, T.Q8_0)
-            grid, stats = None, q4
-            for t, st in ((T.TQ2_0, tq2), (T.Q4_0, q4), (T.Q8_0, q8)):
-                if st.blocks and st.fraction >= MIN_GRID_SHARE:
-                    grid, stats = t, st
-                    break
-            out.append(
-                TensorGridReport(
-                    file=path.name,
-                    tensor=name,
-                    shape=shape,
-                    dtype=str(info["dtype"]),
-                    q4_blocks=q4.blocks,
-                    q4_fraction=q4.fraction,
-                    tq2_blocks=tq2.blocks,
-                    tq2_fraction=tq2.fraction,
-                    signature=grid_signature(stats, grid or T.Q4_0),
-                    q8_blocks=q8.blocks,
-                    q8_fraction=q8.fraction,
-                    grid=None if grid is None else grid.name,
-                )
-            )
-    return out
-
-
-def report_as_dicts(reports: list[TensorGridReport]) -> list[dict[str, object]]:
-    return [asdict(r) | {"shape": list(r.shape)} for r in reports]

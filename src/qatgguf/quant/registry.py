@@ -119,7 +119,7 @@ KERNELS: dict[T, type[BlockQuant]] = {}
 
 def kernel_for(qtype: T) -> type[BlockQuant]:
     """The registered kernel class of `qtype`; raises UnknownQuantTypeError naming it."""
-    _load_kernels()
+    load_kernels()
     try:
         return KERNELS[qtype]
     except KeyError:
@@ -129,6 +129,6 @@ def kernel_for(qtype: T) -> type[BlockQuant]:
         ) from None
 
 
-def _load_kernels() -> None:
+def load_kernels() -> None:
     # Importing the family modules registers their classes.
     from qatgguf.quant import floats, kquants, legacy, ternary  # noqa: F401

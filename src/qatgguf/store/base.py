@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
@@ -278,11 +278,6 @@ class HashingReader:
         if self._progress is not None:
             self._progress(len(data))
         return data
-
-
-def iter_chunks(f: IO[bytes]) -> Iterator[bytes]:
-    while chunk := f.read(CHUNK_SIZE):
-        yield chunk
 
 
 class JsonOverBytes:

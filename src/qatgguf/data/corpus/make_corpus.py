@@ -95,7 +95,7 @@ LANGUAGES: tuple[tuple[str, str], ...] = (
     ("he", "Hebrew"),
 )
 BLOCK_CHARS = 3000  # interleave sources in blocks so every chunk range sees a mix
-TURN = "<|turn>{role}\n{text}<turn|>\n"  # ref: gemma-4-facts.md (Gemma 4 turn format)
+TURN = "<|turn>{role}\n{text}<turn|>\n"  # ref: llama.cpp common/parsers/gemma4.cpp (the turn markers)
 
 
 def _po_unquote(lines: list[str]) -> str:
