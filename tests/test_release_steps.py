@@ -108,7 +108,7 @@ def test_exactly_the_affected_keys_change(built, monkeypatch):
 
     *_, model, ctx, plan, _shards, files, settings = built
     store = ctx.store()
-    plans = {r: core._load_plan(store, p.ref) for r, p in plan.plan_refs.items()}
+    plans = {r: core.load_plan(store, p.ref) for r, p in plan.plan_refs.items()}
     parts = {r: [core.part_key(p, i) for i in range(len(p.shards))] for r, p in plans.items()}
     records = core.base_records_key(files["bf16"].eval_digest, settings)
     monkeypatch.setitem(registry.KERNEL_VERSIONS, ("Q4_0", None), 2)

@@ -12,14 +12,11 @@ from qatgguf.errors import EvaluationError
 from qatgguf.evaluate import metrics as M
 from qatgguf.config import GateConfig
 from qatgguf.evaluate.gate import apply_gate
-from qatgguf.evaluate.records import (
-    BaseRecords,
-    RangeValues,
-    _RecordWriter,
-    export_llamacpp,
-    merge,
-    plan_chunk_ranges,
-)
+from qatgguf.evaluate.chunks import plan_chunk_ranges
+from qatgguf.evaluate.export import export_llamacpp
+from qatgguf.evaluate.ranges import RangeValues
+from qatgguf.evaluate.records import BaseRecords, RecordWriter
+from qatgguf.evaluate.result import merge
 
 CTX, V = 32, 3000
 
@@ -27,7 +24,7 @@ CTX, V = 32, 3000
 def _write(
     tmp: Path, rng: np.random.Generator, start: int, n: int, spread: float
 ) -> tuple[Path, list, np.ndarray]:
-    w = _RecordWriter(V)
+    w = RecordWriter(V)
     logits, toks = [], []
     for _ in range(n):
         t = rng.integers(0, V, CTX).astype(np.int32)
@@ -187,7 +184,7 @@ def test_gate() -> None:
 
 def test_an_aligned_file_must_beat_the_naive_one() -> None:
     from qatgguf.evaluate.gate import beats_baseline
-    from qatgguf.evaluate.records import EvalResult
+    from qatgguf.evaluate.result import EvalResult
 
     def result(mean_kld: float) -> EvalResult:
         return EvalResult(**{**{f: 0.5 for f in EvalResult.__dataclass_fields__}, "mean_kld": mean_kld})

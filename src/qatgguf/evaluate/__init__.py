@@ -7,20 +7,12 @@ from importlib.resources import files
 from pathlib import Path
 
 from qatgguf.evaluate.gate import GateDecision, apply_gate, beats_baseline
-from qatgguf.evaluate.records import (
-    BaseRecords,
-    RangeValues,
-    EvalResult,
-    RecordKey,
-    compute_base_records,
-    count_chunks,
-    evaluate,
-    evaluate_chunks,
-    export_llamacpp,
-    merge,
-    plan_chunk_ranges,
-    record_key,
-)
+from qatgguf.evaluate.base import compute_base_records, record_key
+from qatgguf.evaluate.chunks import count_chunks, plan_chunk_ranges
+from qatgguf.evaluate.export import export_llamacpp
+from qatgguf.evaluate.ranges import RangeValues, evaluate_chunks
+from qatgguf.evaluate.records import BaseRecords, RecordKey
+from qatgguf.evaluate.result import EvalResult, evaluate, merge
 from qatgguf.evaluate.runner import RunnerSettings
 
 

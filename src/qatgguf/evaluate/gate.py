@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qatgguf.config import GateConfig
-from qatgguf.evaluate.records import EvalResult
+from qatgguf.evaluate.result import EvalResult
 
 
 @dataclass(frozen=True)

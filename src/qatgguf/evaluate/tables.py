@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qatgguf.errors import ModelCardError
-from qatgguf.evaluate.records import EvalResult
+from qatgguf.evaluate.result import EvalResult
 
 COMPARISON_COLUMNS = ("Model", "Method", "Disk", "99.9% KLD", "Mean KLD", "Top-1 %")
 
