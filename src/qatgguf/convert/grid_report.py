@@ -11,7 +11,8 @@ from gguf import GGMLQuantizationType as T
 
 from qatgguf.convert.safetensors import open_tensor, read_header, to_f32
 from qatgguf.errors import CheckpointError
-from qatgguf.quant.lattice import MIN_GRID_SHARE, GridStats, grid_signature, scan_grid
+from qatgguf.quant.grid_signature import grid_signature
+from qatgguf.quant.lattice import MIN_GRID_SHARE, GridStats, scan_grid
 
 # the float types the grid scan reads
 SCANNED_DTYPES = ("BF16", "F16", "F32")

@@ -18,7 +18,7 @@ from numba import njit
 
 from qatgguf.errors import BlockSizeError, NonFiniteError, QuantizationError, UnknownQuantTypeError
 from qatgguf.quant._fp import max_magnitude
-from qatgguf.quant.registry import FALLBACK_TYPES, KERNELS, load_kernels, kernel_for, type_size
+from qatgguf.quant.registry import FALLBACK_TYPES, KERNELS, kernel_for, load_kernels, type_size
 
 # Rows are converted and quantized this many float32 elements at a time, so memory beyond
 # the output stays bounded for any tensor length.

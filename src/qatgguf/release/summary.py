@@ -76,7 +76,7 @@ def release_report(*, family: str, release_id: str, summary: dict[str, dict], ma
 
 
 def release_tables(cfg: ReleaseConfig, summary: dict[str, dict]) -> list:
-    """The release's two seed-shaped tables (`EvalTable`s): naive against aligned for
+    """The release's two comparison tables (`EvalTable`s): naive against aligned for
     every model (the aligned file, then the naive baseline), and the mobile mixtures
     (each variant's published file against its own BF16)."""
     from qatgguf.evaluate.tables import (
