@@ -67,3 +67,17 @@ def test_release_and_nightly_commands_come_from_entry_points():
     assert args.run.__module__ == "qatgguf.flows.commands.release" and args.release_id == "x"
     args = parser.parse_args(["nightly", "tiny-family"])
     assert args.run.__module__ == "qatgguf.flows.commands.nightly"
+
+
+def test_pyproject_lists_every_package():
+    """`packages` in pyproject.toml is explicit (the orchestration folders are mapped into
+    the namespace): every folder with an `__init__.py` must be on it, or a regular install
+    leaves it out."""
+    import tomllib
+
+    root = CORE.parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(CORE.parent).parts) for p in CORE.rglob("__init__.py")}
+    found |= {"qatgguf." + ".".join(p.parent.relative_to(root).parts)
+              for folder in ("flows", "tasks") for p in (root / folder).rglob("__init__.py")}
+    assert listed == found
