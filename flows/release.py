@@ -95,7 +95,7 @@ def _submit_model(run: ModelRun, cfg: ReleaseConfig, ctx: core.ReleaseContext, p
     shards: list[Any] = []
     for s in plan.shards:
         if s.index in plan.parts_done:
-            shards.append(core.ShardResult(s.index, plan.parts_done[s.index], core.StepStats(reused=True)))
+            shards.append(core.ShardResult(s.index, plan.parts_done[s.index], budget.StepStats(reused=True)))
             continue
         declared = budget.shard_budget(shard_bytes=s.size, largest_tensor=s.largest, part_bytes=s.part_bytes,
                                        row_block=64 * 1024 * 1024)

@@ -403,9 +403,6 @@ class S3Store(JsonOverBytes):
             raise self._error(exc, op="get_file", key=key) from None
         except OSError as exc:
             raise StoreError(f"{uri}: get_file to {dest} failed: {exc.strerror or exc}") from exc
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return dest
 
     def exists(self, key: str) -> bool:
