@@ -33,7 +33,7 @@ from qatgguf.quant.registry import FALLBACK_TYPES, type_size
 
 RECIPE_VERSION = 1
 GRID_MODES = ("qat", "auto")
-# The grids `grid: auto` chooses from, coarsest first (ref: quant/lattice.py GRID_TYPES).
+# The grids `grid: auto` chooses from, coarsest first (ref: quant/lattice.py detect_grid).
 AUTO_GRID_TYPES: tuple[str, ...] = ("TQ2_0", "Q4_0", "Q8_0")
 # Model facts a rule's `when:` may test (the plan passes them from the model's config).
 FACTS = ("n_expert",)
