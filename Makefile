@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU build on local disk, never the multi-GB CUDA one
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# metadata a build of the repo root once left there: run from the root, it would hide
+	# the installed entry points (the release and nightly subcommands)
+	@rm -rf qatgguf.egg-info
 	@touch $(STAMP)
 
 install: $(STAMP)

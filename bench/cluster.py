@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "flows"), str(ROOT / "bench")]
 
-# The real family (gemma-4-facts: BF16 checkpoint sizes; Hub shards of at most 5 GB).
+# The real family (the BF16 checkpoints' sizes on the Hub; Hub shards of at most 5 GB).
 FAMILY_BF16_GB = {"E2B": 9.31, "E4B": 15.1, "12B": 23.8, "26B-A4B": 50.5, "31B": 61.4}
 PARAMS_B = {"E2B": 5.1, "E4B": 8.0, "12B": 12.0, "26B-A4B": 25.2, "31B": 30.7}  # all weights, billions
 ACTIVE_B = {"E2B": 2.3, "E4B": 4.5, "12B": 12.0, "26B-A4B": 4.0, "31B": 30.7}  # per token (MoE: active)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 SIZES = {
-    # real widths (docs/reference gemma-4-facts): hidden, heads, kv, global kv, ff
+    # real widths (each size's released config.json): hidden, heads, kv, global kv, ff
     "31b": dict(hidden_size=5376, num_attention_heads=32, num_key_value_heads=16, num_global_key_value_heads=4,
                 intermediate_size=21504, attention_k_eq_v=True),
     "e4b": dict(hidden_size=2560, num_attention_heads=8, num_key_value_heads=2, num_global_key_value_heads=None,

@@ -168,7 +168,7 @@ def main() -> int:
     )
     print(f"qatgguf eval:     {best['ours']:.1f} s, {n_tok / best['ours']:.0f} tok/s")
     print(f"ratio (llama-perplexity time / ours): {best['tool'] / best['ours']:.2f}x\n")
-    from qatgguf.evaluate.records import EvalResult
+    from qatgguf.evaluate.result import EvalResult
 
     ours_sum = parse_kld_summary(EvalResult(**res).format_table())
     differ = [k for k in tool_sum if ours_sum[k] != tool_sum[k]]

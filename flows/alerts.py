@@ -1,7 +1,7 @@
 """Install the alerts of `infra/automations.yaml` on the Prefect server: an automation that
 notifies when a release or nightly run fails or crashes.
 
-    QATGGUF_ALERT_WEBHOOK=https://hooks.example/... python -m flows.alerts [--webhook URL]
+    QATGGUF_ALERT_WEBHOOK=https://hooks.example/... python -m qatgguf.flows.alerts [--webhook URL]
 """
 
 from __future__ import annotations

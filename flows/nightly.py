@@ -21,8 +21,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.release import _slug, load_config, release, release_context
-from flows.runtime import ensure_prefect_server, ray_task_runner
+from qatgguf.flows.release import artifact_slug, load_config, release, release_context
+from qatgguf.flows.runtime import ensure_prefect_server, ray_task_runner
 from qatgguf import release as core
 
 
@@ -52,7 +52,7 @@ def nightly(config: str = "tiny-family", models: list[str] | None = None) -> dic
         since = sorted({v["release_id"] for v in latest["models"].values()})
         text = f"# {cfg.family}: unchanged since release {', '.join(since)}\n\nNo source, recipe or tool changed; " \
                "nothing was converted, evaluated or published."
-        create_markdown_artifact(key=f"{_slug(cfg.family)}-nightly", markdown=text,
+        create_markdown_artifact(key=f"{artifact_slug(cfg.family)}-nightly", markdown=text,
                                  description=f"unchanged since release {', '.join(since)}")
         logger.info("unchanged since release %s", ", ".join(since))
         return {"unchanged": True, "since": since, "release_id": None, "models": {}}

@@ -28,11 +28,11 @@ from prefect.artifacts import (
 from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.runtime import ensure_prefect_server, eval_resources, ray_task_runner, task_resources
+from qatgguf.flows.runtime import ensure_prefect_server, eval_resources, ray_task_runner, task_resources
 from qatgguf import release as core
 from qatgguf import resources as budget
-from qatgguf.config import ModelConfig, ReleaseConfig, builtin_config_path, load_release_config
-from tasks import release as t
+from qatgguf.config import EvalConfig, ModelConfig, ReleaseConfig, builtin_config_path, load_release_config
+from qatgguf.tasks import release as t
 
 
 class ReleaseFailed(RuntimeError):
@@ -53,7 +53,8 @@ def release_context(cfg: ReleaseConfig, release_id: str) -> core.ReleaseContext:
     )
 
 
-def _slug(s: str) -> str:
+def artifact_slug(s: str) -> str:
+    """`s` as a Prefect artifact key: lower case, every other character a dash."""
     return "".join(c if c.isalnum() else "-" for c in s.lower())
 
 
@@ -87,18 +88,18 @@ def _submit(task_obj, declared: budget.TaskBudget, *args, cpus: int = 1, gpu: bo
 
 
 def _submit_model(run: ModelRun, cfg: ReleaseConfig, ctx: core.ReleaseContext, plan: core.ModelPlan,
-                  settings: core.EvalSettings) -> None:
+                  settings: EvalConfig) -> None:
     """Submit the tasks of one model whose outputs the plan did not find in the store."""
     m = run.model
     recipes = (cfg.base_recipe, *cfg.recipes_for(m))
     shards: list[Any] = []
     for s in plan.shards:
         if s.index in plan.parts_done:
-            shards.append(core.ShardResult(s.index, plan.parts_done[s.index], core.StepStats(reused=True)))
+            shards.append(core.ShardResult(s.index, plan.parts_done[s.index], budget.StepStats(reused=True)))
             continue
         declared = budget.shard_budget(shard_bytes=s.size, largest_tensor=s.largest, part_bytes=s.part_bytes,
                                        row_block=64 * 1024 * 1024)
-        f = _submit(t.quantize_shard, declared, ctx, m.name, plan.plans, s.index, cpus=cfg.ray.shard_cpus)
+        f = _submit(t.quantize_shard, declared, ctx, m.name, plan.plan_refs, s.index, cpus=cfg.ray.shard_cpus)
         run.shards.append(run.add(f"quantize-{m.name}-shard-{s.index}", f, declared))
         shards.append(f)
     files: dict[str, Any] = {}
@@ -108,7 +109,7 @@ def _submit_model(run: ModelRun, cfg: ReleaseConfig, ctx: core.ReleaseContext, p
             continue
         declared = budget.assemble_budget(gguf_bytes=plan.gguf_bytes[r])
         files[r] = run.add(f"assemble-{m.name}-{r}",
-                           _submit(t.assemble_gguf, declared, ctx, m, r, plan.plans[r], shards), declared)
+                           _submit(t.assemble_gguf, declared, ctx, m, r, plan.plan_refs[r], shards), declared)
     projector: Any = plan.mmproj_done
     # the repo holds one projector: the model's own checkpoint's (a variant shares the towers)
     if plan.mmproj is not None and projector is None and run.owner == m.name:
@@ -202,7 +203,7 @@ def _collect(run: ModelRun) -> dict:
     if run.plan is not None:
         out["source"] = {"uri": run.plan.source.uri, "revision": run.plan.source.revision,
                          "files": {f.name: f.digest for f in run.plan.source.files}}
-        out["plans"] = {r: {"key": p.key, "sha256": p.ref.sha256} for r, p in run.plan.plans.items()}
+        out["plans"] = {r: {"key": p.key, "sha256": p.ref.sha256} for r, p in run.plan.plan_refs.items()}
         if run.plan.mmproj is not None:
             out["plans"]["mmproj"] = {"key": run.plan.mmproj.key, "sha256": run.plan.mmproj.ref.sha256}
     gates = {r: v for r, f in run.gates.items() if (v := _outcome(r, f)[1]) is not None}
@@ -257,14 +258,13 @@ def release(
         raise ValueError("resume needs the release_id of the release to continue")
     ctx = release_context(cfg, release_id or core.new_release_id(cfg))
     core.start_release(ctx, cfg, resume=resume)
-    settings = core.EvalSettings(corpus=cfg.eval.corpus, ctx=cfg.eval.ctx, chunks=cfg.eval.chunks,
-                                 threads=cfg.eval.threads, batch=cfg.eval.batch)
+    settings = cfg.eval
     logger.info("release %s of %s: %d models%s", ctx.release_id, cfg.family, len(cfg.models),
                 " (resumed)" if resume else "")
     return run_models(cfg, ctx, settings, cfg.models)
 
 
-def run_models(cfg: ReleaseConfig, ctx: core.ReleaseContext, settings: core.EvalSettings,
+def run_models(cfg: ReleaseConfig, ctx: core.ReleaseContext, settings: EvalConfig,
                models: tuple[ModelConfig, ...]) -> dict:
     """Submit every model's pipeline, follow the shards' progress, collect, write the
     manifest and artifacts; raise ReleaseFailed naming failed tasks when a model failed."""
@@ -287,7 +287,7 @@ def run_models(cfg: ReleaseConfig, ctx: core.ReleaseContext, settings: core.Eval
         _submit_model(run, cfg, ctx, run.plan, settings)
         todo = len(run.shards)
         run.progress_id = create_progress_artifact(
-            progress=0.0 if todo else 100.0, key=f"{_slug(cfg.family)}-{_slug(run.model.name)}-shards",
+            progress=0.0 if todo else 100.0, key=f"{artifact_slug(cfg.family)}-{artifact_slug(run.model.name)}-shards",
             description=f"{run.model.name}: 0 of {todo} shards to convert done "
                         f"({run.plan.n_shards - todo} of {run.plan.n_shards} already in the store)")
     # one publish per model, once every checkpoint of it is submitted
@@ -330,22 +330,20 @@ def run_models(cfg: ReleaseConfig, ctx: core.ReleaseContext, settings: core.Eval
             # what the nightly compares: the inputs this release actually used
             s["fingerprint"] = core.model_fingerprint(cfg, runs[name].model, runs[name].plan.source)
     manifest = core.write_manifest(ctx, cfg, summary)
-    rows = core.release_rows(summary)
     tables = core.release_tables(cfg, summary)
-    slug = _slug(cfg.family)
+    result = core.release_result(cfg, release_id=ctx.release_id, manifest_uri=manifest.uri, summary=summary,
+                                 tables=tables)
+    rows, failed, gate_failed = result["rows"], result["failed"], result["gate_failed"]
+    slug = artifact_slug(cfg.family)
     if rows:
         create_table_artifact(key=f"{slug}-eval", table=rows, description=f"Release {ctx.release_id}: every file")
     for table in tables:
-        create_table_artifact(key=f"{slug}-{_slug(table.title)}", table=table.records(),
+        create_table_artifact(key=f"{slug}-{artifact_slug(table.title)}", table=table.records(),
                               description=f"Release {ctx.release_id}: {table.title}")
-    create_markdown_artifact(key=f"{slug}-release", markdown=_report(cfg, ctx, summary, manifest.uri, tables))
-    failed = [f"{name}: {s['error']}" for name, s in summary.items() if s["status"] == "failed"]
-    gate_failed = [f"{m}/{r}" for m, s in summary.items() for r, g in s["gates"].items() if not g["passed"]]
+    create_markdown_artifact(key=f"{slug}-release", markdown=core.release_report(
+        family=cfg.family, release_id=ctx.release_id, summary=summary, manifest_uri=manifest.uri, tables=tables))
     if gate_failed:
         logger.warning("gate failed, not published: %s", ", ".join(gate_failed))
-    result = {"release_id": ctx.release_id, "manifest": manifest.uri, "rows": rows, "models": summary,
-              "tables": [{"title": t.title, "markdown": t.markdown()} for t in tables],
-              "gate_failed": gate_failed, "failed": failed}
     if failed:
         raise ReleaseFailed(f"release {ctx.release_id}: {len(failed)} of {len(summary)} model(s) failed "
                             f"(manifest {manifest.uri}): " + " | ".join(failed))
@@ -371,25 +369,3 @@ def run_release(
         )
     return api_url, release_id, state
 
-
-def _report(cfg: ReleaseConfig, ctx: core.ReleaseContext, summary: dict, manifest_uri: str,
-            tables: list) -> str:
-    lines = [f"# Release {ctx.release_id} of {cfg.family}", "", f"Manifest: `{manifest_uri}`", ""]
-    for table in tables:
-        lines += [f"## {table.title}", "", table.note, "", table.markdown()]
-    for name, s in summary.items():
-        if s["status"] == "failed":
-            state = f"**failed**: {s['error']}"
-        elif s["status"] == "published":
-            state = f"published to `{s['repo']}`"
-        else:
-            state = "**not published**"
-        lines.append(f"## {name}: {state}")
-        for r, g in s["gates"].items():
-            verdict = "PASS" if g["passed"] else "FAIL — " + "; ".join(g["reasons"])
-            lines.append(f"- {core.quant_label(r)}: {verdict}")
-        done = [x for x in s["tasks"] if x.get("seconds") is not None]
-        reused = sum(1 for x in done if x.get("reused"))
-        lines.append(f"- tasks: {len(s['tasks'])}, of which {reused} reused finished outputs")
-        lines.append("")
-    return "\n".join(lines)

@@ -15,6 +15,8 @@ from pathlib import Path
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
+from qatgguf.paths import cache_root
+
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
 
 # Environment that Ray worker processes need to report task runs (and the core's log
@@ -44,7 +46,7 @@ def ensure_prefect_server(*, timeout: float = 120.0) -> str:
         return configured
     if _healthy(DEFAULT_API_URL):
         return DEFAULT_API_URL
-    home = Path(os.environ.get("QATGGUF_CACHE", Path.home() / ".cache" / "qatgguf"))
+    home = cache_root()
     home.mkdir(parents=True, exist_ok=True)
     log = open(home / "prefect-server.log", "ab")
     env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false")

@@ -47,7 +47,7 @@ up() {
      --name release --name nightly) >"$state/deploy.log" 2>&1 \
     || { echo "deploy failed; see $state/deploy.log" >&2; exit 1; }
   if [ -n "${QATGGUF_ALERT_WEBHOOK:-}" ]; then
-    (cd "$root" && "$bin/python" -m flows.alerts) >>"$state/deploy.log" 2>&1
+    (cd "$root" && "$bin/python" -m qatgguf.flows.alerts) >>"$state/deploy.log" 2>&1
   fi
   running worker || start worker "$state/worker.log" "$bin/prefect" worker start --pool qatgguf-local
   echo "Prefect UI: ${PREFECT_API_URL%/api}   worker log: $state/worker.log"

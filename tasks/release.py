@@ -5,7 +5,6 @@ and results are small values: configs, references, digests, metric dicts and ste
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import TypeVar
@@ -14,7 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from qatgguf import release as core
-from qatgguf.config import GateConfig, ModelConfig, ReleaseConfig
+from qatgguf.config import EvalConfig, GateConfig, ModelConfig, ReleaseConfig
 
 # The core's INFO lines (tensors, types, grid exactness, bytes, seconds) go to each task's
 # log in the Prefect UI: Prefect attaches its API handler to the `qatgguf` logger
@@ -49,16 +48,16 @@ def prepare_source(ctx: core.ReleaseContext, model: ModelConfig) -> str:
 
 @task(name="plan-model", task_run_name="plan-{model.name}", retries=1, **_common)
 def plan_model(ctx: core.ReleaseContext, model: ModelConfig, recipes: Sequence[str], source: str,
-               base_recipe: str, settings: core.EvalSettings, n_parts: int) -> core.ModelPlan:
+               base_recipe: str, settings: EvalConfig, n_parts: int) -> core.ModelPlan:
     return _on_node(core.plan_model(ctx, model, recipes, source=source, base_recipe=base_recipe, settings=settings,
                                     n_parts=n_parts))
 
 
 @task(name="quantize-shard", task_run_name="quantize-{model}-shard-{index}", retries=1, retry_delay_seconds=2,
       **_common)
-def quantize_shard(ctx: core.ReleaseContext, model: str, plans: dict[str, core.PlanRef], index: int
+def quantize_shard(ctx: core.ReleaseContext, model: str, plan_refs: dict[str, core.PlanRef], index: int
                    ) -> core.ShardResult:
-    return _on_node(core.quantize_shard(ctx, model, plans, index))
+    return _on_node(core.quantize_shard(ctx, model, plan_refs, index))
 
 
 @task(name="assemble-gguf", task_run_name="assemble-{model.name}-{recipe}", retries=1, **_common)
@@ -72,29 +71,28 @@ def mmproj(ctx: core.ReleaseContext, model: ModelConfig, plan: core.PlanRef) -> 
     return _on_node(core.mmproj_model(ctx, model, plan))
 
 
-def _with_gpu(settings: core.EvalSettings) -> core.EvalSettings:
-    """Offload every layer when Ray gave this task a GPU."""
+def _gpu() -> bool:
+    """Whether Ray gave this task a GPU (then every layer is offloaded)."""
     try:
         import ray
 
-        gpu = bool(ray.is_initialized() and ray.get_gpu_ids())
+        return bool(ray.is_initialized() and ray.get_gpu_ids())
     except Exception:  # noqa: BLE001
-        gpu = False
-    return dataclasses.replace(settings, gpu=gpu)
+        return False
 
 
 @task(name="base-records", task_run_name="base-records-{model}", retries=1, **_common)
-def base_records(ctx: core.ReleaseContext, model: str, base: core.GGUFOutput, settings: core.EvalSettings
+def base_records(ctx: core.ReleaseContext, model: str, base: core.GGUFOutput, settings: EvalConfig
                  ) -> core.BaseRecordsRef:
-    return _on_node(core.base_records(ctx, base, _with_gpu(settings)))
+    return _on_node(core.base_records(ctx, base, settings, gpu=_gpu()))
 
 
 @task(name="evaluate-range", task_run_name="evaluate-{model}-{recipe}-range-{part}", retries=1, **_common)
 def evaluate_range(ctx: core.ReleaseContext, model: str, recipe: str, quant: core.GGUFOutput,
-                   records: core.BaseRecordsRef, part: int, n_parts: int, settings: core.EvalSettings
+                   records: core.BaseRecordsRef, part: int, n_parts: int, settings: EvalConfig
                    ) -> core.RangeOutput:
     return _on_node(core.eval_range(ctx, model=model, recipe=recipe, quant=quant, records=records, part=part,
-                                    n_parts=n_parts, settings=_with_gpu(settings)))
+                                    n_parts=n_parts, settings=settings, gpu=_gpu()))
 
 
 @task(name="merge-eval", task_run_name="merge-eval-{model}-{recipe}", **_common)

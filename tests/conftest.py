@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,17 +10,14 @@ import pytest
 pytest_plugins = ["servers.s3", "servers.fakehub"]
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("QATGGUF_CACHE", Path.home() / ".cache" / "qatgguf"))
-
-
 @pytest.fixture(scope="session")
 def tiny_family() -> dict[str, Path]:
     """{model name: checkpoint dir} for the tiny Gemma 4 QAT family: the five sizes and
     the mobile mixtures E2B-mobile and E4B-mobile."""
     from qatgguf.fixtures import build_family
+    from qatgguf.paths import cache_root
 
-    return build_family(_cache_root() / "fixtures")
+    return build_family(cache_root() / "fixtures")
 
 
 @pytest.fixture(scope="session")

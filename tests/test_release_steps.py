@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from qatgguf import release as core
-from qatgguf.config import GateConfig, ModelConfig, parse_release_config
+from qatgguf.config import EvalConfig, GateConfig, ModelConfig, parse_release_config
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +36,11 @@ def built(tmp_path_factory, tiny_family):
     model = cfg.models[0]
     ctx = core.ReleaseContext("t", "r1", cfg.store.url)
     # one chunk per batch, so the chunks can be split over tasks in any way
-    settings = core.EvalSettings(corpus=None, ctx=128, chunks=4, batch=128)
+    settings = EvalConfig(ctx=128, chunks=4, batch=128)
     plan = _plan(ctx, model, settings)
     assert not plan.parts_done and not plan.gguf_done  # an empty store
-    shards = [core.quantize_shard(ctx, model.name, plan.plans, i) for i in range(plan.n_shards)]
-    files = {r: core.assemble_gguf(ctx, model, r, plan.plans[r], shards) for r in RECIPES}
+    shards = [core.quantize_shard(ctx, model.name, plan.plan_refs, i) for i in range(plan.n_shards)]
+    files = {r: core.assemble_gguf(ctx, model, r, plan.plan_refs[r], shards) for r in RECIPES}
     return root, cfg, model, ctx, plan, shards, files, settings
 
 
@@ -58,16 +58,16 @@ def _numbers(result: dict) -> dict:
 def test_every_output_is_found_again_by_its_key(built):
     _root, _cfg, model, ctx, plan, shards, files, settings = built
     assert not any(s.stats.reused for s in shards)
-    again = [core.quantize_shard(ctx, model.name, plan.plans, i) for i in range(plan.n_shards)]
+    again = [core.quantize_shard(ctx, model.name, plan.plan_refs, i) for i in range(plan.n_shards)]
     assert all(s.stats.reused and s.stats.fetched == 0 for s in again)
     assert [s.parts for s in again] == [s.parts for s in shards]
     for r in RECIPES:
-        out = core.assemble_gguf(ctx, model, r, plan.plans[r], again)
+        out = core.assemble_gguf(ctx, model, r, plan.plan_refs[r], again)
         assert out.stats.reused and out.files == files[r].files
     # a new plan of the unchanged source finds every output without reading a header
     later = core.ReleaseContext("t", "r2", ctx.store_url)
     replan = _plan(later, model, settings)
-    assert replan.stats.fetched == 0 and replan.plans == plan.plans
+    assert replan.stats.fetched == 0 and replan.plan_refs == plan.plan_refs
     assert set(replan.parts_done) == set(range(plan.n_shards))
     assert set(replan.gguf_done) == set(RECIPES) and replan.gguf_done["q4_0"].files == files["q4_0"].files
 
@@ -108,7 +108,7 @@ def test_exactly_the_affected_keys_change(built, monkeypatch):
 
     *_, model, ctx, plan, _shards, files, settings = built
     store = ctx.store()
-    plans = {r: core._load_plan(store, p.ref) for r, p in plan.plans.items()}
+    plans = {r: core.load_plan(store, p.ref) for r, p in plan.plan_refs.items()}
     parts = {r: [core.part_key(p, i) for i in range(len(p.shards))] for r, p in plans.items()}
     records = core.base_records_key(files["bf16"].eval_digest, settings)
     monkeypatch.setitem(registry.KERNEL_VERSIONS, ("Q4_0", None), 2)

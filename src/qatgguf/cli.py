@@ -1,6 +1,8 @@
-"""The `qatgguf` command. Each subcommand lives in `qatgguf.commands.<name>` and defines
-`add_parser(subparsers)` and `run(args) -> int`; subcommands import their heavy
-dependencies only when they run."""
+"""The `qatgguf` command. Each subcommand is a module that defines `add_parser(subparsers)`
+(which sets `run(args) -> int` as the parser's default); subcommands import their heavy
+dependencies only when they run. The core's subcommands live in `qatgguf.commands.<name>`;
+others (the release and nightly commands of the orchestration package) are found through
+the `qatgguf.commands` entry-point group, so the core never imports them itself."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+from importlib.metadata import entry_points
 
 from qatgguf import __version__
 from qatgguf.errors import QatGgufError
@@ -18,10 +21,15 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("convert", "convert"),
     ("eval", "eval"),
     ("lattice", "lattice"),
-    ("release", "release"),
-    ("nightly", "nightly"),
     ("gc", "gc"),
 )
+ENTRY_POINT_GROUP = "qatgguf.commands"
+
+
+def plugin_commands() -> list[tuple[str, str]]:
+    """(subcommand, module) of every subcommand registered in the `qatgguf.commands`
+    entry-point group, in name order."""
+    return sorted((ep.name, ep.value) for ep in entry_points(group=ENTRY_POINT_GROUP))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qatgguf {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for _name, module in COMMANDS:
-        mod = importlib.import_module(f"qatgguf.commands.{module}")
-        mod.add_parser(sub)
+    modules = [f"qatgguf.commands.{module}" for _name, module in COMMANDS]
+    core = {name for name, _module in COMMANDS}
+    modules += [module for name, module in plugin_commands() if name not in core]
+    for module in modules:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 

@@ -28,12 +28,21 @@ class _Strict(BaseModel):
 
 
 class GateConfig(_Strict):
-    """Publish a file only if every figure is within its bound (llama-perplexity's numbers)."""
+    """The release gate's thresholds: publish a file only if every figure is within its
+    bound (llama-perplexity's numbers). `None` switches a check off
+    (`qatgguf.evaluate.gate.apply_gate` applies them)."""
 
-    max_mean_kld: float = Field(0.05, ge=0)
-    max_kld_99_9: float = Field(1.0, ge=0)
-    min_same_top_p: float = Field(0.85, ge=0, le=1)  # a fraction, not percent
-    max_ppl_ratio: float = Field(1.10, ge=1)
+    max_mean_kld: float | None = Field(0.05, ge=0)
+    max_kld_99_9: float | None = Field(1.0, ge=0)
+    min_same_top_p: float | None = Field(0.85, ge=0)  # a fraction, not percent
+    max_ppl_ratio: float | None = Field(1.10, ge=1)
+
+    @field_validator("min_same_top_p")
+    @classmethod
+    def _fraction(cls, v: float | None) -> float | None:
+        if v is not None and v > 1:
+            raise ValueError(f"min_same_top_p={v:g} is a fraction in [0, 1]; write {v / 100:g} for {v:g}%")
+        return v
 
 
 class EvalConfig(_Strict):

@@ -77,9 +77,5 @@ class PublishError(QatGgufError, RuntimeError):
     """Publishing to the Hub (or the local Hub folder) failed."""
 
 
-class GateFailed(QatGgufError):
-    """A quantized file did not pass the release gate; it is not published."""
-
-
 class ModelCardError(QatGgufError, ValueError):
     """Model card data or the rendered card is invalid (bad metadata, missing files)."""

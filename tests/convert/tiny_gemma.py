@@ -3,7 +3,7 @@
 q_norm/k_norm are scaled by head_dim**-0.25 so attention scores have sd ~1 (as in a trained
 model), 1-D scales are perturbed away from 1 so a dropped scale or a +1 norm shift shows,
 and the tokenizer splits newline runs first so llama.cpp's gemma4 pre-tokenizer and
-transformers agree (see docs: llamacpp-vs-transformers notes)."""
+transformers agree (ref: llama.cpp src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_GEMMA4)."""
 
 from __future__ import annotations
 

@@ -8,17 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qatgguf.errors import ConfigError, EvaluationError
+from qatgguf.errors import EvaluationError
 from qatgguf.evaluate import metrics as M
-from qatgguf.evaluate.gate import GateThresholds, apply_gate
-from qatgguf.evaluate.records import (
-    BaseRecords,
-    ChunkStats,
-    _RecordWriter,
-    export_llamacpp,
-    merge,
-    plan_chunk_ranges,
-)
+from qatgguf.config import GateConfig
+from qatgguf.evaluate.gate import apply_gate
+from qatgguf.evaluate.chunks import plan_chunk_ranges
+from qatgguf.evaluate.export import export_llamacpp
+from qatgguf.evaluate.ranges import RangeValues
+from qatgguf.evaluate.records import BaseRecords, RecordWriter
+from qatgguf.evaluate.result import merge
 
 CTX, V = 32, 3000
 
@@ -26,7 +24,7 @@ CTX, V = 32, 3000
 def _write(
     tmp: Path, rng: np.random.Generator, start: int, n: int, spread: float
 ) -> tuple[Path, list, np.ndarray]:
-    w = _RecordWriter(V)
+    w = RecordWriter(V)
     logits, toks = [], []
     for _ in range(n):
         t = rng.integers(0, V, CTX).astype(np.int32)
@@ -80,7 +78,7 @@ def test_export_llamacpp_roundtrip(tmp_path: Path) -> None:
     nv = 2 * ((V + 1) // 2) + 4
     assert (
         out.stat().st_size == 20 + 4 * CTX * 3 + 2 * 3 * (CTX - 1 - CTX // 2) * nv
-    )  # llamacpp-runtime.md §4.6
+    )  # ref: tools/perplexity/perplexity.cpp perplexity(): the --kl-divergence-base file it writes
     rec = BaseRecords(out)
     assert rec.llamacpp and (rec.chunk_start, rec.chunk_end) == (0, 3)
     ours = BaseRecords(p2)
@@ -114,7 +112,7 @@ def test_plan_chunk_ranges() -> None:
         plan_chunk_ranges(0, n_parts=1)
 
 
-def _stats(a: int, b: int, rng: np.random.Generator, quant: str = "q") -> ChunkStats:
+def _stats(a: int, b: int, rng: np.random.Generator, quant: str = "q") -> RangeValues:
     n = (b - a) * 15
     v = M.TokenValues(
         nll=rng.random(n, dtype=np.float32) * 3,
@@ -123,7 +121,7 @@ def _stats(a: int, b: int, rng: np.random.Generator, quant: str = "q") -> ChunkS
         p_diff=(rng.random(n, dtype=np.float32) - 0.5) * 0.1,
         same_top=rng.random(n) < 0.9,
     )
-    return ChunkStats(
+    return RangeValues(
         chunk_start=a,
         chunk_end=b,
         ctx=32,
@@ -140,7 +138,7 @@ def _stats(a: int, b: int, rng: np.random.Generator, quant: str = "q") -> ChunkS
 def test_merge_is_exact_and_checks_ranges(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     s1, s2 = _stats(0, 4, rng), _stats(4, 10, rng)
-    whole = ChunkStats(
+    whole = RangeValues(
         0, 10, 32, V, "b", "c", "q", 10, 5, M.TokenValues.concat([s1.values, s2.values])
     )
     assert merge([s2, s1]) == merge([whole])
@@ -159,7 +157,7 @@ def test_merge_is_exact_and_checks_ranges(tmp_path: Path) -> None:
         "base_size",
         "quant_size",
     }
-    assert merge([ChunkStats.load(s1.save(tmp_path / "a.npz")), s2]) == r
+    assert merge([RangeValues.load(s1.save(tmp_path / "a.npz")), s2]) == r
     with pytest.raises(EvaluationError, match="gap or overlap"):
         merge([s1, _stats(5, 10, rng)])
     with pytest.raises(EvaluationError, match="different evaluations"):
@@ -170,32 +168,32 @@ def test_gate() -> None:
     rng = np.random.default_rng(4)
     r = merge([_stats(0, 10, rng)])
     ok = apply_gate(
-        r, GateThresholds(max_mean_kld=1.0, max_kld_99_9=1.0, min_same_top_p=0.5, max_ppl_ratio=10)
+        r, GateConfig(max_mean_kld=1.0, max_kld_99_9=1.0, min_same_top_p=0.5, max_ppl_ratio=10)
     )
     assert ok.passed and not ok.reasons and len(ok.checks) == 4
-    bad = apply_gate(r, GateThresholds(max_mean_kld=1e-9, min_same_top_p=0.99))
+    bad = apply_gate(r, GateConfig(max_mean_kld=1e-9, max_kld_99_9=None, min_same_top_p=0.99, max_ppl_ratio=None))
     assert not bad.passed
     assert any("mean_kld" in x for x in bad.reasons) and any("same_top_p" in x for x in bad.reasons)
     assert "not published" in bad.summary()
     assert bad.to_dict()["passed"] is False
-    with pytest.raises(ConfigError, match="fraction"):
-        GateThresholds(min_same_top_p=95)
-    with pytest.raises(ConfigError):
-        GateThresholds(max_mean_kld=float("nan"))
+    with pytest.raises(ValueError, match="fraction"):
+        GateConfig(min_same_top_p=95)
+    with pytest.raises(ValueError, match="max_mean_kld"):
+        GateConfig(max_mean_kld=float("nan"))
 
 
 def test_an_aligned_file_must_beat_the_naive_one() -> None:
     from qatgguf.evaluate.gate import beats_baseline
-    from qatgguf.evaluate.records import EvalResult
+    from qatgguf.evaluate.result import EvalResult
 
     def result(mean_kld: float) -> EvalResult:
         return EvalResult(**{**{f: 0.5 for f in EvalResult.__dataclass_fields__}, "mean_kld": mean_kld})
 
-    ok = apply_gate(result(0.001), GateThresholds(max_mean_kld=0.1))
+    ok = apply_gate(result(0.001), GateConfig(max_mean_kld=0.1, max_kld_99_9=None, min_same_top_p=None, max_ppl_ratio=None))
     assert beats_baseline(ok, result(0.001), 100, result(0.01), 120).passed
     worse = beats_baseline(ok, result(0.02), 100, result(0.01), 120)
     assert not worse.passed and any("mean_kld < naive" in r for r in worse.reasons)
     larger = beats_baseline(ok, result(0.001), 121, result(0.01), 120)
     assert not larger.passed and any("size <= naive: 121 is not <= the naive file's 120" in r for r in larger.reasons)
-    failed = apply_gate(result(0.5), GateThresholds(max_mean_kld=0.1))
+    failed = apply_gate(result(0.5), GateConfig(max_mean_kld=0.1, max_kld_99_9=None, min_same_top_p=None, max_ppl_ratio=None))
     assert not beats_baseline(failed, result(0.5), 100, result(0.9), 120).passed  # the thresholds still hold

@@ -32,8 +32,8 @@ class _Hook(BaseHTTPRequestHandler):
 def test_failed_release_fires_the_alert(tmp_path, prefect_server, local_ray):
     from prefect.client.orchestration import get_client
 
-    from flows.alerts import install_alerts
-    from flows.release import release
+    from qatgguf.flows.alerts import install_alerts
+    from qatgguf.flows.release import release
 
     server = HTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -27,7 +27,7 @@ def test_release_and_nightly_deployments_load():
         real = d["parameters"]["config"] == "gemma-4-qat"
         assert d["work_pool"]["name"] == ("qatgguf-cluster" if real else "qatgguf-local")
         # the config each deployment names validates
-        from flows.release import load_config
+        from qatgguf.flows.release import load_config
 
         load_config(d["parameters"]["config"])
     assert {"config", "models", "recipes"} <= set(deployments["release"]["parameters"])

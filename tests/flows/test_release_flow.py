@@ -40,7 +40,7 @@ def _task_runs(flow_run_id) -> list:
 
 
 def test_release_dense_and_moe(tmp_path, tiny_family, prefect_server, local_ray):
-    from flows.release import release
+    from qatgguf.flows.release import release
 
     cfg_path = _config(tmp_path)
     state = release(config=str(cfg_path), models=["31B", "26B-A4B"], return_state=True)
@@ -84,7 +84,7 @@ def test_one_failing_model_does_not_stop_the_others(tmp_path, tiny_family, prefe
 
     from prefect.states import State
 
-    from flows.release import release
+    from qatgguf.flows.release import release
 
     broken = tmp_path / "12B-broken"
     shutil.copytree(tiny_family["12B"], broken)
@@ -100,7 +100,7 @@ def test_one_failing_model_does_not_stop_the_others(tmp_path, tiny_family, prefe
     cfg_path = _config(tmp_path, models=raw["models"], recipes=["q4_0"], publish_recipes=["q4_0"])
     state: State = release(config=str(cfg_path), models=["12B", "31B"], return_state=True)
     assert state.is_failed()
-    assert f"quantize-12B-shard-1: NonFiniteError: " in state.message and "12B" in state.message
+    assert "quantize-12B-shard-1: NonFiniteError: " in state.message and "12B" in state.message
     assert "1 of 2 model(s) failed" in state.message
     manifest_uri = state.message.split("(manifest ", 1)[1].split(")", 1)[0]
     manifest = json.loads(Path(manifest_uri.removeprefix("file://")).read_text())
@@ -119,7 +119,7 @@ def test_published_numbers_agree_with_llama_perplexity(tmp_path, tiny_family, pr
                                                        llama_tools):
     """The release's numbers for a published file are llama-perplexity's, run here on the
     published file and the release's BF16 (same context, chunks and batch)."""
-    from flows.release import release
+    from qatgguf.flows.release import release
     from qatgguf.evaluate import default_corpus
     from qatgguf.evaluate.reference import common_args, parse_kld_summary, run_tool
     from qatgguf.store import open_store
@@ -151,7 +151,7 @@ def test_files_above_the_limit_are_published_split(tmp_path, tiny_family, prefec
     """A per-file limit below the file size: the GGUFs are written as gguf-split parts,
     published under gguf-split names, and llama.cpp loads the model from the first part
     (the release evaluated it that way)."""
-    from flows.release import release
+    from qatgguf.flows.release import release
 
     cfg = _config(tmp_path, publish={"target": "local", "local_root": str(tmp_path / "hub"),
                                      "split_max_size": "2M"})

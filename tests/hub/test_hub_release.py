@@ -12,7 +12,7 @@ from huggingface_hub import HfApi, ModelCard
 from servers.fakehub import RunningHub
 
 from qatgguf import release as core
-from qatgguf.config import GateConfig, parse_release_config
+from qatgguf.config import EvalConfig, GateConfig, parse_release_config
 from qatgguf.evaluate.tables import fixed
 from qatgguf.hub import MANIFEST_PATH, EvalTable
 from qatgguf.hub.facts import read_model_facts
@@ -48,19 +48,19 @@ def e2b(tmp_path_factory, tiny_family):
     cfg = parse_release_config(raw)
     model = cfg.models[0]
     ctx = core.ReleaseContext(cfg.family, "r1", cfg.store.url)
-    settings = core.EvalSettings(corpus=None, ctx=128, chunks=8, batch=128)
+    settings = EvalConfig(ctx=128, chunks=8, batch=128)
     plan = core.plan_model(ctx, model, ("bf16", *RECIPES), source=model.source, base_recipe="bf16",
                            settings=settings, n_parts=2)
-    parts = [core.quantize_shard(ctx, model.name, plan.plans, i) for i in range(plan.n_shards)]
-    files = {r: core.assemble_gguf(ctx, model, r, plan.plans[r], parts) for r in ("bf16", *RECIPES)}
+    parts = [core.quantize_shard(ctx, model.name, plan.plan_refs, i) for i in range(plan.n_shards)]
+    files = {r: core.assemble_gguf(ctx, model, r, plan.plan_refs[r], parts) for r in ("bf16", *RECIPES)}
     mmproj = core.mmproj_model(ctx, model, plan.mmproj)
     results = _evaluate(ctx, model.name, files, RECIPES, settings)
     # the mobile variant: UD-Q2_K_XL against the mobile checkpoint's own BF16
     mobile = model.model_copy(update={"name": "E2B-mobile", "source": str(tiny_family["E2B-mobile"])})
     mplan = core.plan_model(ctx, mobile, ("bf16", "UD-Q2_K_XL"), source=mobile.source, base_recipe="bf16",
                             settings=settings, n_parts=2)
-    mparts = [core.quantize_shard(ctx, mobile.name, mplan.plans, i) for i in range(mplan.n_shards)]
-    mfiles = {r: core.assemble_gguf(ctx, mobile, r, mplan.plans[r], mparts) for r in ("bf16", "UD-Q2_K_XL")}
+    mparts = [core.quantize_shard(ctx, mobile.name, mplan.plan_refs, i) for i in range(mplan.n_shards)]
+    mfiles = {r: core.assemble_gguf(ctx, mobile, r, mplan.plan_refs[r], mparts) for r in ("bf16", "UD-Q2_K_XL")}
     mresults = _evaluate(ctx, mobile.name, mfiles, ("UD-Q2_K_XL",), settings)
     mgate = core.gate(ctx, model=mobile.name, recipe="UD-Q2_K_XL", result=mresults["UD-Q2_K_XL"],
                       quant=mfiles["UD-Q2_K_XL"], thresholds=cfg.gate)

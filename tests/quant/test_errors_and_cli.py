@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as T
 from qatgguf.cli import main
 from qatgguf.errors import BlockSizeError, CheckpointError, NonFiniteError, UnknownQuantTypeError
 from qatgguf.quant import api, dequantize, quantize, resolve_type
-from qatgguf.quant.lattice import lattice_report
+from qatgguf.convert.grid_report import lattice_report
 
 from .qat_synth import qat4
 

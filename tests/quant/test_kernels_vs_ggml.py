@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.constants import GGML_QUANT_SIZES
 
 from qatgguf.quant import dequantize, quantize
-from qatgguf.quant.registry import KERNELS, TYPE_SIZES, _load_kernels
+from qatgguf.quant.registry import KERNELS, TYPE_SIZES, load_kernels
 
 from .data import varied_rows
 from .ggml_ref import block_and_size, ggml_dequantize, ggml_quantize, ggml_validate
@@ -40,7 +40,7 @@ def _first_diff(a: np.ndarray, b: np.ndarray, blk_bytes: int) -> str:
 
 
 def test_type_table_matches_ggml_and_gguf() -> None:
-    _load_kernels()
+    load_kernels()
     for t, (blk, size) in TYPE_SIZES.items():
         if t != T.Q8_1:  # gguf-py 0.19 lists 40 bytes; ggml's block_q8_1 has f16 d and s
             assert GGML_QUANT_SIZES[t] == (blk, size), t.name

@@ -8,13 +8,8 @@ from gguf import GGMLQuantizationType as T
 
 from qatgguf.errors import QuantizationError
 from qatgguf.quant import dequantize, quantize
-from qatgguf.quant.lattice import (
-    block_exactness,
-    detect_grid,
-    grid_signature,
-    recipe_signature,
-    scan_grid,
-)
+from qatgguf.quant.grid_signature import grid_signature, recipe_signature
+from qatgguf.quant.lattice import block_exactness, detect_grid, scan_grid
 
 from .ggml_ref import ggml_dequantize, ggml_quantize
 from .qat_synth import qat2, qat4, qat8, round_bf16

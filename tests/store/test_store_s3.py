@@ -188,7 +188,7 @@ def test_exclusive_multipart_upload_is_conditional(s3_server: S3Server, s3_bucke
     # a second writer that raced past the HEAD: drive the upload directly
     b = tmp_path / "b.bin"
     b.write_bytes(os.urandom(11 * MiB))
-    from qatgguf.store.base import sha256_file
+    from qatgguf.files import sha256_file
 
     digest, size = sha256_file(b)
     got = store._put_exclusive(b, "k/obj.bin", sha256=digest, size=size, progress=None)

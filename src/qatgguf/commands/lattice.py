@@ -41,7 +41,7 @@ def _pct(v: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qatgguf.quant.lattice import lattice_report, report_as_dicts
+    from qatgguf.convert.grid_report import lattice_report, report_as_dicts
 
     reports = lattice_report(args.src, min_elements=args.min_elements)
     exactness = []

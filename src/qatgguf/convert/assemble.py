@@ -3,8 +3,8 @@ each tensor's sha256 checked on the way; written under a temporary name, renamed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType
 from qatgguf.convert.plan import ConversionPlan
 from qatgguf.convert.shard import read_manifest
 from qatgguf.errors import GGUFWriteError
+from qatgguf.files import atomic_output
 from qatgguf.gguf.writer import GGUFFileWriter, shard_paths, split_kvs, split_tensors
 
 COPY_CHUNK = 16 * 1024 * 1024
@@ -51,46 +52,41 @@ def assemble(plan: ConversionPlan, parts: Sequence[Path], out: Path, *,
                                  "disagrees with the plan: convert the shard again")
     groups = split_tensors(infos, split_max_size)
     paths = shard_paths(out, len(groups))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmps = [p.with_name(f".{p.name}.tmp{os.getpid()}") for p in paths]
     handles: dict[Path, object] = {}
     try:
-        for i, (group, tmp) in enumerate(zip(groups, tmps)):
-            if len(groups) == 1:
-                kvs = list(plan.kvs)
-            elif i == 0:
-                kvs = list(plan.kvs) + split_kvs(i, len(groups), len(infos))
-            else:
-                kvs = split_kvs(i, len(groups), len(infos))
-            with open(tmp, "wb") as fh:
-                w = GGUFFileWriter(fh, kvs, group)
-                w.write_header()
-                for ti in group:
-                    part, t = where[ti.name]
-                    src = handles.get(part)
-                    if src is None:
-                        src = handles[part] = open(part, "rb")
-                    w.begin_tensor(ti.name)
-                    src.seek(t["offset"])
-                    h = hashlib.sha256()
-                    left = t["nbytes"]
-                    while left:
-                        chunk = src.read(min(COPY_CHUNK, left))
-                        if not chunk:
-                            raise GGUFWriteError(f"part {part} ends inside tensor {ti.name!r}")
-                        h.update(chunk)
-                        w.write(chunk)
-                        left -= len(chunk)
-                    if h.hexdigest() != t["sha256"]:
-                        raise GGUFWriteError(f"tensor {ti.name!r} in part {part}: sha256 mismatch; the "
-                                             "part is corrupt: convert that shard again")
-                w.finish()
-        for tmp, p in zip(tmps, paths):
-            os.replace(tmp, p)
-    except BaseException:
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)
-        raise
+        # every file under a temporary name until all are complete
+        with contextlib.ExitStack() as outputs:
+            tmps = [outputs.enter_context(atomic_output(p)) for p in paths]
+            for i, (group, tmp) in enumerate(zip(groups, tmps)):
+                if len(groups) == 1:
+                    kvs = list(plan.kvs)
+                elif i == 0:
+                    kvs = list(plan.kvs) + split_kvs(i, len(groups), len(infos))
+                else:
+                    kvs = split_kvs(i, len(groups), len(infos))
+                with open(tmp, "wb") as fh:
+                    w = GGUFFileWriter(fh, kvs, group)
+                    w.write_header()
+                    for ti in group:
+                        part, t = where[ti.name]
+                        src = handles.get(part)
+                        if src is None:
+                            src = handles[part] = open(part, "rb")
+                        w.begin_tensor(ti.name)
+                        src.seek(t["offset"])
+                        h = hashlib.sha256()
+                        left = t["nbytes"]
+                        while left:
+                            chunk = src.read(min(COPY_CHUNK, left))
+                            if not chunk:
+                                raise GGUFWriteError(f"part {part} ends inside tensor {ti.name!r}")
+                            h.update(chunk)
+                            w.write(chunk)
+                            left -= len(chunk)
+                        if h.hexdigest() != t["sha256"]:
+                            raise GGUFWriteError(f"tensor {ti.name!r} in part {part}: sha256 mismatch; the "
+                                                 "part is corrupt: convert that shard again")
+                    w.finish()
     finally:
         for fh in handles.values():
             fh.close()

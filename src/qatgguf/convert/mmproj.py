@@ -33,6 +33,7 @@ from qatgguf.convert.safetensors import DTYPES, nonfinite_rows, read_header
 from qatgguf.convert.source import (
     SourceOptions, SourceReader, SourceRef, open_reader, read_shard_header, snapshot)
 from qatgguf.errors import CheckpointError, UnknownTensorError
+from qatgguf.files import atomic_output
 from qatgguf.gguf.writer import KV, GGUFFileWriter, TensorInfo, tensor_nbytes
 
 log = logging.getLogger(__name__)
@@ -371,7 +372,7 @@ def plan_mmproj(src: Path | str | SourceRef, *, outtype: str = "bf16",
 
 
 def _plan_mmproj(ref: SourceRef, reader: Any, src: Path, outtype: str) -> MmprojPlan | None:
-    from qatgguf.convert.plan import _shard_files
+    from qatgguf.convert.plan import shard_files
 
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
@@ -382,7 +383,7 @@ def _plan_mmproj(ref: SourceRef, reader: Any, src: Path, outtype: str) -> Mmproj
     if hf_arch is None or not raw.get("vision_config"):
         return None
     unified = hf_arch == UNIFIED_ARCH
-    files, _ = _shard_files(ref, src)
+    files, _ = shard_files(ref, src)
     found: list[tuple[str, Any]] = []
     for f in files:
         h = read_shard_header(reader, f)
@@ -482,8 +483,6 @@ def write_mmproj_plan(plan: MmprojPlan, out: Path | str, *, root: Path | None = 
     when complete. `root` holds the tower shards (`mmproj_shards`), by default the local
     checkpoint folder. Raises `CheckpointError` if a shard changed since planning."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     src = Path(root) if root is not None else plan.source.local_dir
     if src is None:
         raise CheckpointError("the checkpoint is remote: fetch the tower shards first and pass root",
@@ -491,7 +490,7 @@ def write_mmproj_plan(plan: MmprojPlan, out: Path | str, *, root: Path | None = 
     headers = {f: read_header(src / f) for f in dict.fromkeys(j.file for j in plan.tensors)}
     fds = {f: os.open(src / f, os.O_RDONLY) for f in headers}
     try:
-        with open(tmp, "wb") as fh:
+        with atomic_output(out) as tmp, open(tmp, "wb") as fh:
             w = GGUFFileWriter(fh, plan.kvs, plan.tensor_infos())
             w.write_header()
             for job in plan.tensors:
@@ -502,10 +501,6 @@ def write_mmproj_plan(plan: MmprojPlan, out: Path | str, *, root: Path | None = 
                 w.begin_tensor(job.gguf_name)
                 w.write(_tensor_bytes(job, fds[job.file], e.begin, str(src / job.file)))
             w.finish()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     finally:
         for fd in fds.values():
             os.close(fd)

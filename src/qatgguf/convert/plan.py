@@ -155,7 +155,7 @@ class ConversionPlan:
                    skipped=tuple(tuple(x) for x in d["skipped"]))
 
 
-def _shard_files(ref: SourceRef, meta: Path) -> tuple[list[str], dict[str, str] | None]:
+def shard_files(ref: SourceRef, meta: Path) -> tuple[list[str], dict[str, str] | None]:
     """The shard files of a checkpoint (from its index when there is one) and the index's
     weight map. The index is untrusted input: every file it names must be a bare
     `*.safetensors` name inside the checkpoint."""
@@ -274,7 +274,7 @@ def _plan(ref: SourceRef, reader, src: Path, recipe: Recipe | str) -> Conversion
     spec: ArchSpec = arch_for(raw_cfg, file=str(src / "config.json"))
     hf_arch = next(a for a in raw_cfg["architectures"] if a in spec.hf_architectures)
     rec = load_recipe(recipe) if isinstance(recipe, str) else recipe
-    files, weight_map = _shard_files(ref, src)
+    files, weight_map = shard_files(ref, src)
     hparams, tc = load_hparams(src)
     geo = text_geometry(tc, hparams, spec.family)
     first_shared = geo.n_layer - geo.n_kv_shared

@@ -6,6 +6,7 @@ alignment, then a JSON manifest (name, shape, type, offset, nbytes, sha256), the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ from qatgguf import quant
 from qatgguf.convert.plan import ConversionPlan, ShardJob, TensorJob
 from qatgguf.convert.safetensors import DTYPES, TensorEntry, nonfinite_rows, read_header, to_f32
 from qatgguf.errors import CheckpointError, NonFiniteError, QuantizationError
+from qatgguf.files import atomic_output
 from qatgguf.gguf.writer import pad
 
 log = logging.getLogger(__name__)
@@ -181,11 +183,10 @@ def convert_shard(plan: ConversionPlan, index: int, out_part: Path, *, shard: Pa
             raise CheckpointError(f"file is {header.file_size} bytes, the plan saw {sj.size}; the "
                                   "shard changed after planning: plan again", file=str(src_path))
         entries = header.tensors
-    tmp = out_part.with_name(out_part.name + f".tmp{os.getpid()}")
     manifest = []
     fd = os.open(src_path, os.O_RDONLY) if src_path is not None else None
     try:
-        with open(tmp, "wb") as fh:
+        with atomic_output(out_part) as tmp, open(tmp, "wb") as fh:
             for job in sj.tensors:
                 e = None
                 if job.hf_name is not None:
@@ -214,10 +215,6 @@ def convert_shard(plan: ConversionPlan, index: int, out_part: Path, *, shard: Pa
             body = json.dumps({"version": 1, "shard": index, "tensors": manifest}).encode()
             fh.write(body)
             fh.write(PART_MAGIC + struct.pack("<Q", len(body)))
-        os.replace(tmp, out_part)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     finally:
         if fd is not None:
             os.close(fd)
@@ -262,7 +259,6 @@ def write_direct(plan: ConversionPlan, out: Path, *, root: Path | None = None, s
     fds: dict[str, int] = {}
     writers: list[GGUFFileWriter] = []
     handles = []
-    tmps: list[Path] = []
     try:
         for sj in plan.shards:  # checked once per shard, as convert_shard does
             if sj.file is not None:
@@ -286,38 +282,34 @@ def write_direct(plan: ConversionPlan, out: Path, *, root: Path | None = None, s
         infos = plan.tensor_infos(types)
         groups = split_tensors(infos, split_max_size)
         paths = shard_paths(out, len(groups))
-        tmps = [p.with_name(f".{p.name}.tmp{os.getpid()}") for p in paths]
-        file_of = {ti.name: gi for gi, g in enumerate(groups) for ti in g}
-        for i, (g, tmp) in enumerate(zip(groups, tmps)):
-            if len(groups) == 1:
-                kvs = list(plan.kvs)
-            else:
-                kvs = (list(plan.kvs) if i == 0 else []) + split_kvs(i, len(groups), len(infos))
-            fh = open(tmp, "wb")
-            handles.append(fh)
-            w = GGUFFileWriter(fh, kvs, g)
-            w.write_header()
-            writers.append(w)
-        for name in plan.order:
-            job, fd, e, file = source(name)
-            job = job.resolved(types.get(name, job.qtype))
-            w = writers[file_of[name]]
-            w.begin_tensor(name)
-            for chunk in _tensor_chunks(job, fd, e, file, threads):
-                w.write(chunk)
-        for w in writers:
-            w.finish()
-        for fh in handles:
-            fh.close()
-        for tmp, p in zip(tmps, paths):
-            os.replace(tmp, p)
-    except BaseException:
-        for fh in handles:
-            fh.close()
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)
-        raise
+        # every file under a temporary name until all are complete
+        with contextlib.ExitStack() as outputs:
+            tmps = [outputs.enter_context(atomic_output(p)) for p in paths]
+            file_of = {ti.name: gi for gi, g in enumerate(groups) for ti in g}
+            for i, (g, tmp) in enumerate(zip(groups, tmps)):
+                if len(groups) == 1:
+                    kvs = list(plan.kvs)
+                else:
+                    kvs = (list(plan.kvs) if i == 0 else []) + split_kvs(i, len(groups), len(infos))
+                fh = open(tmp, "wb")
+                handles.append(fh)
+                w = GGUFFileWriter(fh, kvs, g)
+                w.write_header()
+                writers.append(w)
+            for name in plan.order:
+                job, fd, e, file = source(name)
+                job = job.resolved(types.get(name, job.qtype))
+                w = writers[file_of[name]]
+                w.begin_tensor(name)
+                for chunk in _tensor_chunks(job, fd, e, file, threads):
+                    w.write(chunk)
+            for w in writers:
+                w.finish()
+            for fh in handles:
+                fh.close()
     finally:
+        for fh in handles:
+            fh.close()
         for fd in fds.values():
             os.close(fd)
     return paths

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from qatgguf.errors import CheckpointError
+from qatgguf.files import atomic_output, sha256_file
 from qatgguf.paths import cache_root
 
 # Small files the converter reads in full (config, tokenizer, template, processor).
@@ -237,16 +238,10 @@ def local_sha256(path: Path) -> str:
         return memo.read_text().strip()
     except OSError:
         pass
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 * 1024 * 1024):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest, _size = sha256_file(path)
     try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(memo.name + f".tmp{os.getpid()}")
-        tmp.write_text(digest)
-        os.replace(tmp, memo)
+        with atomic_output(memo) as tmp:
+            tmp.write_text(digest)
     except OSError:
         pass
     return digest
@@ -297,15 +292,10 @@ class SourceReader:
             return here
         dest_dir.mkdir(parents=True, exist_ok=True)
         dest = dest_dir / name
-        tmp = dest_dir / f".{name}.part{os.getpid()}"
-        try:
+        with atomic_output(dest, tmp=dest_dir / f".{name}.part{os.getpid()}", mkdir=False) as tmp:
             self._download(f, tmp)
             self.bytes_read += tmp.stat().st_size
             _verify(tmp, f, self.ref)
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return dest
 
     @contextmanager
@@ -348,7 +338,7 @@ def _verify(path: Path, f: SourceFile, ref: SourceRef) -> None:
             "changed after planning: plan again", file=ref.label(f.name))
     kind, _, want = f.digest.partition(":")
     if kind == "sha256":
-        got = local_sha256(path) if ref.local_dir is not None else _sha256(path)
+        got = local_sha256(path) if ref.local_dir is not None else sha256_file(path)[0]
     elif kind == "git-sha1":
         got = _git_blob_sha1(path)
     else:  # etag (checked by the S3 read itself) or not hashed (local, one process)
@@ -357,14 +347,6 @@ def _verify(path: Path, f: SourceFile, ref: SourceRef) -> None:
         raise CheckpointError(
             f"{kind} {got[:16]}… differs from the plan's {want[:16]}… (revision {ref.revision[:12]}); "
             "the file is corrupt or was replaced: it is not converted; plan again", file=ref.label(f.name))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(16 * 1024 * 1024):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class LocalReader(SourceReader):

@@ -6,22 +6,13 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-from qatgguf.evaluate.gate import GateDecision, GateThresholds, apply_gate, beats_baseline
-from qatgguf.evaluate.records import (
-    BaseRecords,
-    ChunkStats,
-    EvalResult,
-    RecordKey,
-    compute_base_records,
-    count_chunks,
-    evaluate,
-    evaluate_chunks,
-    export_llamacpp,
-    merge,
-    plan_chunk_ranges,
-    record_key,
-    stats_store_key,
-)
+from qatgguf.evaluate.gate import GateDecision, apply_gate, beats_baseline
+from qatgguf.evaluate.base import compute_base_records, record_key
+from qatgguf.evaluate.chunks import count_chunks, plan_chunk_ranges
+from qatgguf.evaluate.export import export_llamacpp
+from qatgguf.evaluate.ranges import RangeValues, evaluate_chunks
+from qatgguf.evaluate.records import BaseRecords, RecordKey
+from qatgguf.evaluate.result import EvalResult, evaluate, merge
 from qatgguf.evaluate.runner import RunnerSettings
 
 
@@ -32,10 +23,9 @@ def default_corpus() -> Path:
 
 __all__ = [
     "BaseRecords",
-    "ChunkStats",
+    "RangeValues",
     "EvalResult",
     "GateDecision",
-    "GateThresholds",
     "RecordKey",
     "RunnerSettings",
     "apply_gate",
@@ -49,5 +39,4 @@ __all__ = [
     "merge",
     "plan_chunk_ranges",
     "record_key",
-    "stats_store_key",
 ]

@@ -2,32 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from qatgguf.errors import ConfigError
-from qatgguf.evaluate.records import EvalResult
-
-
-@dataclass(frozen=True)
-class GateThresholds:
-    """Per-model limits from the release config. `None` switches a check off."""
-
-    max_mean_kld: float | None = None
-    max_kld_99_9: float | None = None
-    min_same_top_p: float | None = None  # a fraction in [0, 1], not percent
-    max_ppl_ratio: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("max_mean_kld", "max_kld_99_9", "min_same_top_p", "max_ppl_ratio"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
-                raise ConfigError(f"gate threshold {name}={v!r} must be a finite number >= 0")
-        if self.min_same_top_p is not None and self.min_same_top_p > 1:
-            raise ConfigError(
-                f"gate threshold min_same_top_p={self.min_same_top_p} is a fraction in [0, 1]; "
-                f"write {self.min_same_top_p / 100:g} for {self.min_same_top_p:g}%"
-            )
+from qatgguf.config import GateConfig
+from qatgguf.evaluate.result import EvalResult
 
 
 @dataclass(frozen=True)
@@ -54,7 +32,7 @@ class GateDecision:
         return "gate FAILED, not published: " + "; ".join(self.reasons)
 
 
-def apply_gate(result: EvalResult, thresholds: GateThresholds) -> GateDecision:
+def apply_gate(result: EvalResult, thresholds: GateConfig) -> GateDecision:
     """Compare an evaluation with the thresholds. NaN metrics fail their check."""
     rules = (
         ("mean_kld", result.mean_kld, "<=", thresholds.max_mean_kld),

@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 # threads on a busy two-core host spin against each other: the KLD pass measured 10-25x
 # slower with n_threads=2 than with OMP_WAIT_POLICY=passive (0.7 s, on par with
 # llama-perplexity -t 2). libgomp reads this once, when llama_cpp is first imported, so it
-# is set here, before any import of llama_cpp; a caller's own setting wins.
+# is set here, before any import of llama_cpp; a caller's own setting wins. It stays an
+# import-time setting on purpose: a process may import llama_cpp through any of several
+# paths (this module, the records, a caller of its own), and only the first import counts,
+# so a setting made later, where an evaluation starts, could come too late.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 FlashAttn = Literal["auto", "on", "off"]
@@ -83,8 +86,9 @@ class RunnerSettings:
 _LOG_CB = None
 
 
-def _quiet_llama() -> None:
-    """Route llama.cpp's log lines to Python logging at debug level (once)."""
+def quiet_llama() -> None:
+    """Route llama.cpp's log lines to Python logging at debug level (once per process):
+    every caller that loads a model through llama_cpp calls this first."""
     global _LOG_CB
     import llama_cpp
 
@@ -132,7 +136,7 @@ class LogitsRunner:
         settings = settings or RunnerSettings()
         self.settings = settings
         self.n_seq = settings.n_seq(ctx)
-        _quiet_llama()
+        quiet_llama()
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = settings.n_gpu_layers

@@ -1,4 +1,4 @@
-"""The tables of a release, as the seed shows them: one place builds them for the command
+"""The tables of a release: one place builds them for the command
 line, the release's Prefect artifacts and the model cards.
 
 - naive against aligned, per model: Model, Method, Disk, 99.9% KLD, Mean KLD, Top-1 %;
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from qatgguf.errors import ModelCardError
-from qatgguf.evaluate.records import EvalResult
+from qatgguf.evaluate.result import EvalResult
 
 COMPARISON_COLUMNS = ("Model", "Method", "Disk", "99.9% KLD", "Mean KLD", "Top-1 %")
 

@@ -17,9 +17,10 @@ from enum import Enum, auto
 from pathlib import Path
 from typing import Any, BinaryIO, Sequence
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from qatgguf.errors import GGUFWriteError
+from qatgguf.quant.registry import type_size
 
 GGUF_MAGIC = 0x46554747  # "GGUF" little-endian
 GGUF_VERSION = 3
@@ -71,7 +72,7 @@ class TensorInfo:
 
 def tensor_nbytes(shape: Sequence[int], qtype: int | GGMLQuantizationType) -> int:
     """Bytes of a tensor of `shape` (row-major, last dim = row length) stored as `qtype`."""
-    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(qtype))]
+    block, nbytes = type_size(GGMLQuantizationType(int(qtype)))
     n = 1
     for d in shape:
         n *= int(d)
@@ -80,7 +81,7 @@ def tensor_nbytes(shape: Sequence[int], qtype: int | GGMLQuantizationType) -> in
             f"row length {shape[-1]} is not a multiple of the {GGMLQuantizationType(int(qtype)).name} "
             f"block size {block}"
         )
-    return n // block * type_size
+    return n // block * nbytes
 
 
 def pad(n: int, align: int = ALIGNMENT) -> int:

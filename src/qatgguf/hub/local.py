@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qatgguf.errors import PublishError
+from qatgguf.files import atomic_output
 from qatgguf.hub.base import (
     RESERVED_PATHS,
     CollectionRef,
@@ -278,6 +279,5 @@ class LocalHubPublisher:
 
     @staticmethod
     def _write_collection(path: Path, data: dict) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
+        with atomic_output(path, mkdir=False) as tmp:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")

@@ -7,12 +7,12 @@ and an unchanged release uploads nothing new.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from qatgguf.errors import ModelCardError
+from qatgguf.files import atomic_output
 
 # KL(p||q) >= 0, and llama.cpp's per-token sums can round to 0 or a hair below; the log
 # axis starts here.
@@ -85,11 +85,9 @@ def plot_kld_distribution(
         fig.text(0.99, 0.01, "dashed: mean, dotted: 99.9th percentile", ha="right", fontsize=7)
         fig.tight_layout()
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        # No Software/time metadata: equal values give equal bytes.
-        fig.savefig(tmp, format="png", metadata={"Software": None})
-        os.replace(tmp, out)
+        with atomic_output(out) as tmp:
+            # No Software/time metadata: equal values give equal bytes.
+            fig.savefig(tmp, format="png", metadata={"Software": None})
     finally:
         plt.close(fig)
     return out

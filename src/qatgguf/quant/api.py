@@ -18,7 +18,7 @@ from numba import njit
 
 from qatgguf.errors import BlockSizeError, NonFiniteError, QuantizationError, UnknownQuantTypeError
 from qatgguf.quant._fp import max_magnitude
-from qatgguf.quant.registry import KERNELS, _load_kernels, kernel_for, type_size
+from qatgguf.quant.registry import FALLBACK_TYPES, KERNELS, kernel_for, load_kernels, type_size
 
 # Rows are converted and quantized this many float32 elements at a time, so memory beyond
 # the output stays bounded for any tensor length.
@@ -28,18 +28,6 @@ CHUNK_ELEMENTS = 1 << 20
 # multiple of every block size) so the kernel reads what the scan just pulled into L2
 # instead of a second pass over memory.
 PIECE_ELEMENTS = 1 << 16
-
-# The types llama-quantize falls back to when a row length does not fit the block size.
-# ref: llama-quant.cpp llama_tensor_get_type (the "fallback" switch)
-FALLBACK_TYPES: dict[str, str] = {
-    "Q2_K": "Q4_0",
-    "Q3_K": "Q4_0",
-    "Q4_K": "Q5_0",
-    "Q5_K": "Q5_1",
-    "Q6_K": "Q8_0",
-    "TQ1_0": "Q4_0",
-    "TQ2_0": "Q4_0",
-}
 
 GRIDS = ("qat",)
 
@@ -271,7 +259,7 @@ def dequantize(data: np.ndarray, qtype: str | int | GGMLQuantizationType) -> np.
         arr = np.ascontiguousarray(arr).view(np.uint8)
     if arr.ndim == 0:
         raise QuantizationError("cannot dequantize a 0-d value")
-    _load_kernels()
+    load_kernels()
     if t not in KERNELS:
         from gguf import quants
 

@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit
 
 from qatgguf.quant._fp import F32, bits_f32, f32_bits, fp16_to_fp32, fp32_to_fp16, nearest_int
-from qatgguf.quant.legacy import _q8_0_quantize
+from qatgguf.quant.legacy import q8_0_quantize
 
 if TYPE_CHECKING:
     from qatgguf.quant.lattice import GridStats
@@ -125,7 +125,7 @@ def grid_q8_0_blocks(x: np.ndarray, out: np.ndarray, hist: np.ndarray) -> None:
                 if best >= 0:
                     break
         if best < 0:
-            _q8_0_quantize(x[b : b + BLOCK], out[o : o + TYPE_SIZE])
+            q8_0_quantize(x[b : b + BLOCK], out[o : o + TYPE_SIZE])
             continue
         c = fp16_to_fp32(np.uint16(best))
         _fit(x, xu, b, c, k)

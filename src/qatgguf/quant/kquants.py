@@ -17,179 +17,25 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
 
 from qatgguf.quant._fp import F32, fp32_to_fp16, get_f16, imax, imin, nearest_int, put_f16
+from qatgguf.quant.intrinsics import code_f32, select_store
+from qatgguf.quant.kq_search import (
+    GROUP_MAX_EPS,
+    LN_BISC,
+    LN_BMN,
+    LN_FLAT,
+    LN_FMIN,
+    LN_MN,
+    LN_SCL,
+    ONE,
+    QKX_ROWS,
+    ZERO,
+    lanes16_max,
+    qkx2_lanes,
+)
 from qatgguf.quant.registry import BlockQuant
-
-_GROUP_MAX_EPS = F32(1e-15)  # ref: ggml-quants.c GROUP_MAX_EPS
-_ZERO = F32(0.0)
-_ONE = F32(1.0)
-
-
-@intrinsic
-def _code_f32(typingctx, v, lo, hi):  # type: ignore[no-untyped-def]
-    """float32(MAX(lo, MIN(hi, nearest_int(v)))), all in 32-bit lanes.
-
-    The same bits as `nearest_int` and the C clamp; written at the LLVM level because
-    numba widens int32 arithmetic to int64, and int64 -> float does not vectorize."""
-    if v != types.float32 or not isinstance(lo, types.Integer) or not isinstance(hi, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        f, a, b = args
-        i32 = ir.IntType(32)
-        val = builder.fadd(f, ir.Constant(ir.FloatType(), 12582912.0))
-        i = builder.bitcast(val, i32)
-        li = builder.and_(i, ir.Constant(i32, 0x007FFFFF))
-        li = builder.sub(li, ir.Constant(i32, 0x00400000))
-        a32 = builder.trunc(a, i32) if a.type.width > 32 else a
-        b32 = builder.trunc(b, i32) if b.type.width > 32 else b
-        li = builder.select(builder.icmp_signed("<", li, b32), li, b32)
-        li = builder.select(builder.icmp_signed(">", li, a32), li, a32)
-        return builder.sitofp(li, ir.FloatType())
-
-    return types.float32(v, lo, hi), codegen
-
-
-@intrinsic
-def _update(typingctx, c, new, old):  # type: ignore[no-untyped-def]
-    """`new if c else old`, for `a[i] = _update(c, new, a[i])`: a plain store of a select.
-
-    Written as a ternary, or as a bare select, LLVM sees that the store puts back the
-    value just loaded when `c` is false, drops that path and vectorizes what is left as
-    a masked store (slow, and a later load cannot take its value from it). `old` passes
-    through a `freeze` first, which ends that reasoning and costs no instruction."""
-    if c != types.boolean or new != types.float32 or old != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        frozen = ir.instructions.Instruction(builder.block, args[2].type, "freeze", [args[2]])
-        builder._insert(frozen)
-        return builder.select(args[0], args[1], frozen)
-
-    return types.float32(c, new, old), codegen
-
-
-# rows of the qkx2 search's lane scratch `ln` (one float32 row of lanes each)
-(_MN, _MX, _SW, _SX, _ISC, _SCL, _BEST, _BISC, _BMN) = range(9)
-(_SL, _SL2, _SXL, _ERR, _TSC, _TMN, _D, _FLAT, _FMIN) = range(9, 18)
-_QKX_ROWS = 18
-
-
-@njit(cache=True, nogil=True, inline="always", error_model="numpy")
-def _qkx2_lanes(
-    xt: np.ndarray,
-    wt: np.ndarray,
-    lt: np.ndarray,
-    ln: np.ndarray,
-    nl: int,
-    n: int,
-    nmax: int,
-    rmin: float,
-    nstep: int,
-    use_mad: bool,
-) -> None:
-    """make_qkx2_quants (rdelta 0.1) for nl sub-blocks of n elements side by side: lane j
-    searches a sub-block whose element k is xt[k, j], with weight wt[k, j]. Each lane
-    keeps C's sequential sums and association; a lane's choices are selects. Leaves in
-    ln: the scale (_SCL), min (_MN, before negation), the iscale and min the winning
-    codes were rounded with (_BISC, _BMN), and for a constant sub-block (C's `max == min`
-    exit) _FLAT = 1 with its negated min in _FMIN; such a lane searches on a dummy range
-    and its results are to be replaced. Lanes whose step has D <= 0 divide by zero;
-    error_model="numpy" lets that give inf/NaN as in C, and the step is not taken.
-    ref: ggml-quants.c make_qkx2_quants"""
-    fnmax = F32(nmax)
-    mn = ln[_MN]
-    mx = ln[_MX]
-    sw = ln[_SW]
-    sx = ln[_SX]
-    isc = ln[_ISC]
-    scl = ln[_SCL]
-    best = ln[_BEST]
-    bisc = ln[_BISC]
-    bmn = ln[_BMN]
-    sl = ln[_SL]
-    sl2 = ln[_SL2]
-    sxl = ln[_SXL]
-    err = ln[_ERR]
-    tsc = ln[_TSC]
-    tmn = ln[_TMN]
-    dd = ln[_D]
-    flat = ln[_FLAT]
-    fmin = ln[_FMIN]
-    for j in range(nl):
-        v = xt[0, j]
-        mn[j] = v
-        mx[j] = v
-        sw[j] = wt[0, j]
-        sx[j] = wt[0, j] * v
-    for k in range(1, n):
-        for j in range(nl):
-            v = xt[k, j]
-            w = wt[k, j]
-            mn[j] = _update(v < mn[j], v, mn[j])
-            mx[j] = _update(v > mx[j], v, mx[j])
-            sw[j] += w
-            sx[j] += w * v
-    for j in range(nl):
-        m = _ZERO if mn[j] > _ZERO else mn[j]  # noqa: FURB136 (C's `if (min > 0) min = 0`)
-        f = mx[j] == m
-        flat[j] = _ONE if f else _ZERO
-        fmin[j] = -m
-        mn[j] = _ZERO if f else m
-        mx[j] = _update(f, _ONE, mx[j])
-        isc[j] = fnmax / (mx[j] - mn[j])
-        scl[j] = _ONE / isc[j]
-        best[j] = _ZERO
-        bisc[j] = isc[j]
-        bmn[j] = mn[j]
-    for k in range(n):
-        for j in range(nl):
-            v = xt[k, j]
-            diff = scl[j] * _code_f32(isc[j] * (v - mn[j]), 0, nmax) + mn[j] - v
-            diff = abs(diff) if use_mad else diff * diff
-            best[j] += wt[k, j] * diff
-    for step in range(nstep + 1):
-        num = rmin + F32(0.1) * F32(step) + fnmax
-        for j in range(nl):
-            isc[j] = num / (mx[j] - mn[j])
-            sl[j] = _ZERO
-            sl2[j] = _ZERO
-            sxl[j] = _ZERO
-        for k in range(n):
-            for j in range(nl):
-                v = xt[k, j]
-                w = wt[k, j]
-                fl = _code_f32(isc[j] * (v - mn[j]), 0, nmax)
-                lt[k, j] = fl
-                sl[j] += w * fl
-                sl2[j] += w * fl * fl
-                sxl[j] += w * fl * v
-        for j in range(nl):
-            d = sw[j] * sl2[j] - sl[j] * sl[j]
-            dd[j] = d
-            ts = (sw[j] * sxl[j] - sx[j] * sl[j]) / d
-            tm = (sl2[j] * sx[j] - sl[j] * sxl[j]) / d
-            ts0 = sxl[j] / sl2[j]
-            pos = tm > _ZERO
-            tsc[j] = ts0 if pos else ts
-            tmn[j] = _ZERO if pos else tm
-            err[j] = _ZERO
-        for k in range(n):
-            for j in range(nl):
-                diff = tsc[j] * lt[k, j] + tmn[j] - xt[k, j]
-                diff = abs(diff) if use_mad else diff * diff
-                err[j] += wt[k, j] * diff
-        for j in range(nl):
-            win = (dd[j] > _ZERO) & (err[j] < best[j])
-            bisc[j] = _update(win, isc[j], bisc[j])
-            bmn[j] = _update(win, mn[j], bmn[j])
-            best[j] = _update(win, err[j], best[j])
-            scl[j] = _update(win, tsc[j], scl[j])
-            mn[j] = _update(win, tmn[j], mn[j])
 
 
 @njit(cache=True, nogil=True)
@@ -227,7 +73,7 @@ def _qkx_quantize(
     xt = np.empty((32, 16), np.float32)  # [element k][lane]
     wt = np.empty((32, 16), np.float32)
     lt = np.empty((32, 16), np.float32)
-    ln = np.empty((_QKX_ROWS, 16), np.float32)
+    ln = np.empty((QKX_ROWS, 16), np.float32)
     sx2 = np.empty(16, np.float32)
     mins = np.empty(8, np.float32)
     scales = np.empty(8, np.float32)
@@ -238,7 +84,7 @@ def _qkx_quantize(
                 for k in range(32):
                     xt[k, 8 * p + j] = x[xb + 32 * j + k]
         for j in range(16):
-            sx2[j] = _ZERO
+            sx2[j] = ZERO
         for k in range(32):
             for j in range(16):
                 v = xt[k, j]
@@ -248,23 +94,23 @@ def _qkx_quantize(
         for k in range(32):
             for j in range(16):
                 wt[k, j] = sx2[j] + abs(xt[k, j])
-        _qkx2_lanes(xt, wt, lt, ln, 16, 32, nmax, rmin, step_count, False)
+        qkx2_lanes(xt, wt, lt, ln, 16, 32, nmax, rmin, step_count, False)
         for i in range(i0, min(i0 + 2, nb)):
             lo = 8 * (i - i0)
             xb = i * 256
             o = i * bpb
-            max_scale = _ZERO
-            max_min = _ZERO
+            max_scale = ZERO
+            max_min = ZERO
             for j in range(8):
-                flat = ln[_FLAT, lo + j] != _ZERO
-                sc = _ZERO if flat else ln[_SCL, lo + j]
-                mi = ln[_FMIN, lo + j] if flat else -ln[_MN, lo + j]
+                flat = ln[LN_FLAT, lo + j] != ZERO
+                sc = ZERO if flat else ln[LN_SCL, lo + j]
+                mi = ln[LN_FMIN, lo + j] if flat else -ln[LN_MN, lo + j]
                 scales[j] = sc
                 mins[j] = mi
                 max_scale = sc if sc > max_scale else max_scale  # noqa: FURB136 (C order)
                 max_min = mi if mi > max_min else max_min  # noqa: FURB136 (C order)
-            inv_scale = F32(63.0) / max_scale if max_scale > _ZERO else _ZERO
-            inv_min = F32(63.0) / max_min if max_min > _ZERO else _ZERO
+            inv_scale = F32(63.0) / max_scale if max_scale > ZERO else ZERO
+            inv_min = F32(63.0) / max_min if max_min > ZERO else ZERO
             for k in range(12):
                 out[o + 4 + k] = 0
             for j in range(8):
@@ -278,14 +124,14 @@ def _qkx_quantize(
             for j in range(8):
                 sc, m = _get_scale_min_k4(j, out, o + 4)
                 d = dd * F32(sc)
-                if d == _ZERO:
+                if d == ZERO:
                     # keeps the search's codes (zero for a constant sub-block)
-                    if ln[_FLAT, lo + j] != _ZERO:
+                    if ln[LN_FLAT, lo + j] != ZERO:
                         for k in range(32):
                             L[32 * j + k] = 0
                     else:
-                        s = ln[_BISC, lo + j]
-                        mn = ln[_BMN, lo + j]
+                        s = ln[LN_BISC, lo + j]
+                        mn = ln[LN_BMN, lo + j]
                         for k in range(32):
                             v = x[xb + 32 * j + k]
                             L[32 * j + k] = imax(0, imin(nmax, nearest_int(s * (v - mn))))
@@ -394,28 +240,6 @@ class Q5_K(BlockQuant, qtype=T.Q5_K):
     dequantize_blocks = staticmethod(_q5_k_dequantize)
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _lanes16_max(
-    x: np.ndarray, xb: int, xt: np.ndarray, amax: np.ndarray, mx: np.ndarray
-) -> None:
-    """Transpose the super-block at xb into xt[k, j] (element k of 16-element sub-block j)
-    and find each sub-block's first element of largest magnitude, as make_qx_quants and
-    make_q3_quants do (`if (ax > amax) { amax = ax; max = x[i]; }`): amax[j], mx[j]."""
-    for j in range(16):
-        for k in range(16):
-            xt[k, j] = x[xb + 16 * j + k]
-    for j in range(16):
-        amax[j] = _ZERO
-        mx[j] = _ZERO
-    for k in range(16):
-        for j in range(16):
-            v = xt[k, j]
-            ax = abs(v)
-            gt = ax > amax[j]
-            amax[j] = _update(gt, ax, amax[j])
-            mx[j] = _update(gt, v, mx[j])
-
-
 # ---------------------------------------------------------------- Q6_K
 
 
@@ -439,11 +263,11 @@ def _q6_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
     for i in range(nb):
         xb = i * 256
         o = i * 210
-        _lanes16_max(x, xb, xt, amax, mx)
+        lanes16_max(x, xb, xt, amax, mx)
         for j in range(16):
             # all-zero sub-blocks search on a dummy max; their results are replaced below
-            if amax[j] < _GROUP_MAX_EPS:
-                mx[j] = _ONE
+            if amax[j] < GROUP_MAX_EPS:
+                mx[j] = ONE
         for step in range(-10, 10):
             if step == 0:
                 continue
@@ -454,8 +278,8 @@ def _q6_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
                 for j in range(16):
                     isc[j] = -(fnmax + F32(0.1) * F32(step)) / mx[j]
             for j in range(16):
-                slx[j] = _ZERO
-                sl2[j] = _ZERO
+                slx[j] = ZERO
+                sl2[j] = ZERO
             for k in range(16):
                 for j in range(16):
                     v = xt[k, j]
@@ -466,40 +290,40 @@ def _q6_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
                     sl2[j] += w * fl * fl
             if step == -10:
                 for j in range(16):
-                    sc = slx[j] / sl2[j] if sl2[j] != _ZERO else _ZERO
+                    sc = slx[j] / sl2[j] if sl2[j] != ZERO else ZERO
                     scales[j] = sc
                     best[j] = sc * slx[j]
                     bisc[j] = isc[j]
             else:
                 for j in range(16):
-                    if sl2[j] > _ZERO and slx[j] * slx[j] > best[j] * sl2[j]:
+                    if sl2[j] > ZERO and slx[j] * slx[j] > best[j] * sl2[j]:
                         sc = slx[j] / sl2[j]
                         scales[j] = sc
                         best[j] = sc * slx[j]
                         bisc[j] = isc[j]
-        max_scale = _ZERO
-        max_abs_scale = _ZERO
+        max_scale = ZERO
+        max_abs_scale = ZERO
         for j in range(16):
-            if amax[j] < _GROUP_MAX_EPS:
-                scales[j] = _ZERO
+            if amax[j] < GROUP_MAX_EPS:
+                scales[j] = ZERO
             scale = scales[j]
             if abs(scale) > max_abs_scale:
                 max_abs_scale = abs(scale)
                 max_scale = scale
-        if max_abs_scale < _GROUP_MAX_EPS:
+        if max_abs_scale < GROUP_MAX_EPS:
             for k in range(210):
                 out[o + k] = 0
             continue
         iscale = F32(-128.0) / max_scale
-        put_f16(out, o + 208, fp32_to_fp16(_ONE / iscale))
+        put_f16(out, o + 208, fp32_to_fp16(ONE / iscale))
         for ib in range(16):
             out[o + 192 + ib] = imin(127, nearest_int(iscale * scales[ib])) & 0xFF
         dd = get_f16(out, o + 208)
         for j in range(16):
             d = dd * F32(np.int8(out[o + 192 + j]))
-            if d == _ZERO:
+            if d == ZERO:
                 # keeps the search's codes (zero for an all-zero sub-block)
-                if amax[j] < _GROUP_MAX_EPS:
+                if amax[j] < GROUP_MAX_EPS:
                     for k in range(16):
                         L[16 * j + k] = 0
                 else:
@@ -575,7 +399,7 @@ def _q2_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
     xt = np.empty((16, 16), np.float32)  # [element k][sub-block j]
     wt = np.empty((16, 16), np.float32)
     lt = np.empty((16, 16), np.float32)
-    ln = np.empty((_QKX_ROWS, 16), np.float32)
+    ln = np.empty((QKX_ROWS, 16), np.float32)
     mins = np.empty(16, np.float32)
     scales = np.empty(16, np.float32)
     q4scale = F32(15.0)
@@ -587,18 +411,18 @@ def _q2_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
                 v = x[xb + 16 * j + k]
                 xt[k, j] = v
                 wt[k, j] = abs(v)
-        _qkx2_lanes(xt, wt, lt, ln, 16, 16, 3, F32(-0.5), 15, True)
-        max_scale = _ZERO
-        max_min = _ZERO
+        qkx2_lanes(xt, wt, lt, ln, 16, 16, 3, F32(-0.5), 15, True)
+        max_scale = ZERO
+        max_min = ZERO
         for j in range(16):
-            flat = ln[_FLAT, j] != _ZERO
-            sc = _ZERO if flat else ln[_SCL, j]
-            mi = ln[_FMIN, j] if flat else -ln[_MN, j]
+            flat = ln[LN_FLAT, j] != ZERO
+            sc = ZERO if flat else ln[LN_SCL, j]
+            mi = ln[LN_FMIN, j] if flat else -ln[LN_MN, j]
             scales[j] = sc
             mins[j] = mi
             max_scale = sc if sc > max_scale else max_scale  # noqa: FURB136 (C order)
             max_min = mi if mi > max_min else max_min  # noqa: FURB136 (C order)
-        if max_scale > _ZERO:
+        if max_scale > ZERO:
             iscale = q4scale / max_scale
             for j in range(16):
                 out[o + j] = nearest_int(iscale * scales[j]) & 0xFF
@@ -606,26 +430,26 @@ def _q2_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
         else:
             for j in range(16):
                 out[o + j] = 0
-            put_f16(out, o + 80, fp32_to_fp16(_ZERO))
-        if max_min > _ZERO:
+            put_f16(out, o + 80, fp32_to_fp16(ZERO))
+        if max_min > ZERO:
             iscale = q4scale / max_min
             for j in range(16):
                 out[o + j] |= (nearest_int(iscale * mins[j]) << 4) & 0xFF
             put_f16(out, o + 82, fp32_to_fp16(max_min / q4scale))
         else:
-            put_f16(out, o + 82, fp32_to_fp16(_ZERO))
+            put_f16(out, o + 82, fp32_to_fp16(ZERO))
         dd = get_f16(out, o + 80)
         dmin = get_f16(out, o + 82)
         for j in range(16):
             d = dd * F32(out[o + j] & 0xF)
-            if d == _ZERO:
+            if d == ZERO:
                 # keeps the search's codes (zero for a constant sub-block)
-                if ln[_FLAT, j] != _ZERO:
+                if ln[LN_FLAT, j] != ZERO:
                     for k in range(16):
                         L[16 * j + k] = 0
                 else:
-                    s = ln[_BISC, j]
-                    mn = ln[_BMN, j]
+                    s = ln[LN_BISC, j]
+                    mn = ln[LN_BMN, j]
                     for k in range(16):
                         v = x[xb + 16 * j + k]
                         L[16 * j + k] = imax(0, imin(3, nearest_int(s * (v - mn))))
@@ -716,24 +540,24 @@ def _q3_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
         xb = i * 256
         o = i * 110
         so = o + 96
-        _lanes16_max(x, xb, xt, amax, mx)
+        lanes16_max(x, xb, xt, amax, mx)
         for j in range(16):
             # all-zero sub-blocks search on a dummy max; their results are replaced below
-            m = _ONE if amax[j] < _GROUP_MAX_EPS else mx[j]
+            m = ONE if amax[j] < GROUP_MAX_EPS else mx[j]
             isc[j] = F32(-4.0) / m
-            slx[j] = _ZERO
-            sl2[j] = _ZERO
+            slx[j] = ZERO
+            sl2[j] = ZERO
         for k in range(16):
             for j in range(16):
                 v = xt[k, j]
-                fl = _code_f32(isc[j] * v, -4, 3)
+                fl = code_f32(isc[j] * v, -4, 3)
                 lt[k, j] = fl
                 w = v * v
                 slx[j] += w * v * fl
                 sl2[j] += w * fl * fl
         for _itry in range(5):
             for j in range(16):
-                nch[j] = _ZERO
+                nch[j] = ZERO
             for k in range(16):
                 for j in range(16):
                     v = xt[k, j]
@@ -741,37 +565,37 @@ def _q3_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
                     fli = lt[k, j]
                     s_lx = slx[j] - w * v * fli
                     s_l2 = sl2[j] - w * fli * fli
-                    new_l = _code_f32(v * s_l2 / s_lx, -4, 3)
+                    new_l = code_f32(v * s_l2 / s_lx, -4, 3)
                     n_lx = s_lx + w * v * new_l
                     n_l2 = s_l2 + w * new_l * new_l
                     ok = (
-                        (s_lx > _ZERO)
+                        (s_lx > ZERO)
                         & (new_l != fli)
-                        & (n_l2 > _ZERO)
+                        & (n_l2 > ZERO)
                         & (n_lx * n_lx * sl2[j] > slx[j] * slx[j] * n_l2)
                     )
-                    lt[k, j] = _update(ok, new_l, fli)
-                    slx[j] = _update(ok, n_lx, slx[j])
-                    sl2[j] = _update(ok, n_l2, sl2[j])
-                    nch[j] += _ONE if ok else _ZERO
-            changed = _ZERO
+                    lt[k, j] = select_store(ok, new_l, fli)
+                    slx[j] = select_store(ok, n_lx, slx[j])
+                    sl2[j] = select_store(ok, n_l2, sl2[j])
+                    nch[j] += ONE if ok else ZERO
+            changed = ZERO
             for j in range(16):
                 changed += nch[j]
-            if changed == _ZERO:
+            if changed == ZERO:
                 break
-        max_scale = _ZERO
-        amx = _ZERO
+        max_scale = ZERO
+        amx = ZERO
         for j in range(16):
-            sc = slx[j] / sl2[j] if sl2[j] > _ZERO else _ZERO
-            if amax[j] < _GROUP_MAX_EPS:
-                sc = _ZERO
+            sc = slx[j] / sl2[j] if sl2[j] > ZERO else ZERO
+            if amax[j] < GROUP_MAX_EPS:
+                sc = ZERO
             scales[j] = sc
             if abs(sc) > amx:
                 amx = abs(sc)
                 max_scale = sc
         for k in range(12):
             out[so + k] = 0
-        if max_scale != _ZERO:
+        if max_scale != ZERO:
             iscale = F32(-32.0) / max_scale
             for j in range(16):
                 li = np.int32(np.int8(nearest_int(iscale * scales[j]) & 0xFF))
@@ -783,21 +607,21 @@ def _q3_k_quantize(x: np.ndarray, out: np.ndarray) -> None:
                     out[so + j - 8] |= (li & 0xF) << 4
                 li >>= 4
                 out[so + j % 4 + 8] |= li << (2 * (j // 4))
-            put_f16(out, o + 108, fp32_to_fp16(_ONE / iscale))
+            put_f16(out, o + 108, fp32_to_fp16(ONE / iscale))
         else:
             for j in range(16):
                 sc8[j] = -32
-            put_f16(out, o + 108, fp32_to_fp16(_ZERO))
+            put_f16(out, o + 108, fp32_to_fp16(ZERO))
         dd = get_f16(out, o + 108)
         for j in range(16):
             dv[j] = dd * F32(sc8[j])
         for k in range(16):
             for j in range(16):
                 d = dv[j]
-                q = _code_f32(xt[k, j] / d, -4, 3)
+                q = code_f32(xt[k, j] / d, -4, 3)
                 # where d is zero C keeps the search's codes (zero for an all-zero sub-block)
-                keep = F32(-4.0) if amax[j] < _GROUP_MAX_EPS else lt[k, j]
-                lt[k, j] = (keep if d == _ZERO else q) + F32(4.0)
+                keep = F32(-4.0) if amax[j] < GROUP_MAX_EPS else lt[k, j]
+                lt[k, j] = (keep if d == ZERO else q) + F32(4.0)
         for j in range(16):
             for k in range(16):
                 L[16 * j + k] = np.int32(lt[k, j])

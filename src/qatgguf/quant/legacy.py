@@ -30,7 +30,6 @@ from qatgguf.quant._fp import (
 )
 from qatgguf.quant.registry import BlockQuant
 
-_F32_MAX = F32(np.finfo(np.float32).max)
 _INF = F32(np.inf)
 _ABS = np.uint32(0x7FFFFFFF)
 _EXP_ALL = np.uint32(0x7F800000)  # magnitude bits at or above: Inf or NaN
@@ -56,7 +55,7 @@ def _first_max_magnitude(x: np.ndarray, xu: np.ndarray, b: int) -> tuple[np.uint
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _q4_0_blocks(x: np.ndarray, out: np.ndarray, i0: int, i1: int) -> bool:
+def q4_0_blocks(x: np.ndarray, out: np.ndarray, i0: int, i1: int) -> bool:
     # ref: ggml-quants.c quantize_row_q4_0_ref (blocks i0..i1-1). Returns False when a
     # block holds NaN or Inf.
     xu = x.view(np.uint32)
@@ -87,7 +86,7 @@ def _q4_0_blocks(x: np.ndarray, out: np.ndarray, i0: int, i1: int) -> bool:
 
 @njit(cache=True, nogil=True)
 def _q4_0_quantize(x: np.ndarray, out: np.ndarray) -> bool:
-    return _q4_0_blocks(x, out, 0, x.size // 32)
+    return q4_0_blocks(x, out, 0, x.size // 32)
 
 
 @njit(cache=True, nogil=True)
@@ -346,7 +345,7 @@ class Q5_1(BlockQuant, qtype=T.Q5_1):
 
 
 @njit(cache=True, nogil=True)
-def _q8_0_quantize(x: np.ndarray, out: np.ndarray) -> bool:
+def q8_0_quantize(x: np.ndarray, out: np.ndarray) -> bool:
     # ref: ggml-quants.c quantize_row_q8_0_ref. amax = MAX(amax, |x|) is, for finite
     # floats, the integer max of the magnitude bits; returns False when x holds NaN or Inf
     nb = x.size // 32
@@ -386,5 +385,5 @@ def _q8_0_dequantize(data: np.ndarray, y: np.ndarray) -> None:
 
 class Q8_0(BlockQuant, qtype=T.Q8_0):
     checks_finite = True
-    quantize_blocks = staticmethod(_q8_0_quantize)
+    quantize_blocks = staticmethod(q8_0_quantize)
     dequantize_blocks = staticmethod(_q8_0_dequantize)

@@ -52,6 +52,16 @@ TYPE_SIZES: dict[T, tuple[int, int]] = {
     T.MXFP4: (32, 1 + 16),
 }
 
+# The types llama-quantize falls back to when a row length is not a multiple of the
+# type's block size; types with block size 32 or less that still do not fit go to F16
+# (the same function's last step). ref: src/llama-quant.cpp tensor_type_fallback
+FALLBACK_TYPES: dict[str, str] = {
+    "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL",
+    "IQ2_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL",
+    "Q2_K": "Q4_0", "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0",
+    "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+}
+
 # The version of the bytes a kernel writes, per (type, grid): bump an entry when that
 # kernel's output for the same input changes, and exactly the content keys of the parts
 # that use it change (qatgguf.keys). Types not listed are at version 1.
@@ -109,7 +119,7 @@ KERNELS: dict[T, type[BlockQuant]] = {}
 
 def kernel_for(qtype: T) -> type[BlockQuant]:
     """The registered kernel class of `qtype`; raises UnknownQuantTypeError naming it."""
-    _load_kernels()
+    load_kernels()
     try:
         return KERNELS[qtype]
     except KeyError:
@@ -119,6 +129,6 @@ def kernel_for(qtype: T) -> type[BlockQuant]:
         ) from None
 
 
-def _load_kernels() -> None:
+def load_kernels() -> None:
     # Importing the family modules registers their classes.
     from qatgguf.quant import floats, kquants, legacy, ternary  # noqa: F401

@@ -27,7 +27,7 @@ def _lroundf(v: float) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _tq2_0_blocks(x: np.ndarray, out: np.ndarray, i0: int, i1: int) -> bool:
+def tq2_0_blocks(x: np.ndarray, out: np.ndarray, i0: int, i1: int) -> bool:
     # ref: ggml-quants.c quantize_row_tq2_0_ref (blocks i0..i1-1). amax = MAX(|x|, amax)
     # is, for finite floats, the integer max of the magnitude bits; returns False when a
     # block holds NaN or Inf
@@ -64,7 +64,7 @@ def _tq2_0_blocks(x: np.ndarray, out: np.ndarray, i0: int, i1: int) -> bool:
 
 @njit(cache=True, nogil=True)
 def _tq2_0_quantize(x: np.ndarray, out: np.ndarray) -> bool:
-    return _tq2_0_blocks(x, out, 0, x.size // 256)
+    return tq2_0_blocks(x, out, 0, x.size // 256)
 
 
 @njit(cache=True, nogil=True)

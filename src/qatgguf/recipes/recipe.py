@@ -26,26 +26,23 @@ from importlib import resources
 from typing import Any, Literal
 
 import yaml
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGMLQuantizationType
 
 from qatgguf.errors import ConfigError
+from qatgguf.quant.registry import FALLBACK_TYPES, type_size
 
 RECIPE_VERSION = 1
 GRID_MODES = ("qat", "auto")
-# The grids `grid: auto` chooses from, coarsest first (ref: quant/lattice.py GRID_TYPES).
+# The grids `grid: auto` chooses from, coarsest first (ref: quant/lattice.py detect_grid).
 AUTO_GRID_TYPES: tuple[str, ...] = ("TQ2_0", "Q4_0", "Q8_0")
 # Model facts a rule's `when:` may test (the plan passes them from the model's config).
 FACTS = ("n_expert",)
 _UNQUANTIZED = ("F32", "F16", "BF16")
 
-# ref: src/llama-quant.cpp tensor_type_fallback. Types with block size 32 or less that
-# still do not fit go to F16 (the same function's last step).
-FALLBACK: dict[str, str] = {
-    "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL",
-    "IQ2_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ4_XS": "IQ4_NL",
-    "Q2_K": "Q4_0", "Q3_K": "Q4_0", "TQ1_0": "Q4_0", "TQ2_0": "Q4_0",
-    "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
-}
+
+def _block(qtype: str) -> int:
+    """Elements per block of the type named `qtype` (the one type table, quant.registry)."""
+    return type_size(GGMLQuantizationType[qtype])[0]
 
 
 @dataclass(frozen=True)
@@ -154,7 +151,7 @@ class Recipe:
     def _auto(choice: TensorChoice, shape: Sequence[int]) -> TensorChoice:
         ncols = int(shape[-1]) if shape else 1
         cands = tuple(t for t in AUTO_GRID_TYPES
-                      if len(shape) >= 2 and ncols % GGML_QUANT_SIZES[GGMLQuantizationType[t]][0] == 0)
+                      if len(shape) >= 2 and ncols % _block(t) == 0)
         if not cands:
             return TensorChoice(choice.qtype, None, choice.rule)
         return TensorChoice(choice.qtype, "auto", choice.rule, cands)
@@ -163,11 +160,11 @@ class Recipe:
     def _fit(choice: TensorChoice, shape: Sequence[int]) -> TensorChoice:
         qtype = choice.qtype
         ncols = int(shape[-1]) if shape else 1
-        block = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0]
+        block = _block(qtype)
         if ncols % block == 0:
             return choice
-        qtype = FALLBACK.get(qtype, qtype)
-        if ncols % GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0]:
+        qtype = FALLBACK_TYPES.get(qtype, qtype)
+        if ncols % _block(qtype):
             qtype = "F16"
         # a fallback type is off the QAT grid by construction (detection still may find one)
         grid = choice.grid if choice.grid == "auto" or qtype == choice.qtype else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
@@ -222,16 +222,6 @@ def loads_json(data: bytes, *, uri: str) -> Any:
         raise StoreError(f"{uri}: not valid JSON ({exc}); was it written with put_json?") from None
 
 
-def sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_SIZE):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
 class HashingReader:
     """A read-only, non-seekable stream over a file that hashes what it hands out.
 
@@ -288,11 +278,6 @@ class HashingReader:
         if self._progress is not None:
             self._progress(len(data))
         return data
-
-
-def iter_chunks(f: IO[bytes]) -> Iterator[bytes]:
-    while chunk := f.read(CHUNK_SIZE):
-        yield chunk
 
 
 class JsonOverBytes:

@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlparse
 
 from qatgguf.errors import StoreError
+from qatgguf.files import atomic_output, sha256_file
 from qatgguf.store.base import (
     CHUNK_SIZE,
     ArtifactRef,
@@ -25,7 +26,6 @@ from qatgguf.store.base import (
     ObjectInfo,
     ProgressCallback,
     check_sha256,
-    sha256_file,
     validate_key,
     validate_prefix,
 )
@@ -47,22 +47,6 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _publish(tmp: Path, dest: Path, *, exclusive: bool) -> bool:
-    """Move a complete temporary file into place. Exclusive: a hard link, which fails when
-    `dest` exists (the first writer wins); returns False then, and the temporary file is
-    removed either way."""
-    if not exclusive:
-        os.replace(tmp, dest)
-        return True
-    try:
-        os.link(tmp, dest)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _copy_hashing(
     src: Path, dest: Path, *, progress: ProgressCallback | None = None, exclusive: bool = False
 ) -> tuple[str | None, int]:
@@ -71,25 +55,24 @@ def _copy_hashing(
     Returns (sha256, size); (None, size) when `exclusive` and `dest` already existed.
     Nothing is left at `dest` or the temporary name on failure.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(dest)
     h = hashlib.sha256()
     size = 0
     try:
-        with open(src, "rb") as fin, open(tmp, "xb") as fout:
-            while chunk := fin.read(CHUNK_SIZE):
-                h.update(chunk)
-                fout.write(chunk)
-                size += len(chunk)
-                if progress is not None:
-                    progress(len(chunk))
-            fout.flush()
-            os.fsync(fout.fileno())
-        if not _publish(tmp, dest, exclusive=exclusive):
-            return None, size
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        # exclusive: a hard link, which fails when `dest` exists (the first writer wins)
+        with atomic_output(dest, tmp=_tmp_name(dest), exclusive=exclusive) as tmp:
+            with open(src, "rb") as fin, open(tmp, "xb") as fout:
+                while chunk := fin.read(CHUNK_SIZE):
+                    h.update(chunk)
+                    fout.write(chunk)
+                    size += len(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+                fout.flush()
+                os.fsync(fout.fileno())
+    except FileExistsError:
+        if not exclusive:
+            raise
+        return None, size
     _fsync_dir(dest.parent)
     return h.hexdigest(), size
 
@@ -149,15 +132,9 @@ class LocalStore(JsonOverBytes):
     def _write_meta(self, key: str, sha256: str, size: int) -> None:
         st = (self.root / key).stat()
         meta = self._meta_path(key)
-        meta.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(meta)
         payload = {"sha256": sha256, "size": size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
-        try:
+        with atomic_output(meta, tmp=_tmp_name(meta)) as tmp:
             tmp.write_text(json.dumps(payload))
-            os.replace(tmp, meta)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     def _read_meta(self, key: str, st: os.stat_result) -> str | None:
         """The stored digest if the sidecar still describes this exact file."""
@@ -220,33 +197,26 @@ class LocalStore(JsonOverBytes):
                 f"{uri}: no such artifact (get_file); check the key or run the step that stores it"
             ) from None
         stored = self._read_meta(key, st)
-        tmp = _tmp_name(dest)
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            h = hashlib.sha256()
-            with open(src, "rb") as fin, open(tmp, "xb") as fout:
-                while chunk := fin.read(CHUNK_SIZE):
-                    h.update(chunk)
-                    fout.write(chunk)
-                fout.flush()
-                os.fsync(fout.fileno())
-            got = h.hexdigest()
-            for want, source in ((sha256, "expected"), (stored, "stored")):
-                if want is not None and got != want:
-                    raise StoreError(
-                        f"{uri}: sha256 mismatch: {source} {want}, read {got}; the object is "
-                        "corrupt or not the one referenced; re-run the step that stores it"
-                    )
-            os.replace(tmp, dest)
+            with atomic_output(dest, tmp=_tmp_name(dest)) as tmp:
+                h = hashlib.sha256()
+                with open(src, "rb") as fin, open(tmp, "xb") as fout:
+                    while chunk := fin.read(CHUNK_SIZE):
+                        h.update(chunk)
+                        fout.write(chunk)
+                    fout.flush()
+                    os.fsync(fout.fileno())
+                got = h.hexdigest()
+                for want, source in ((sha256, "expected"), (stored, "stored")):
+                    if want is not None and got != want:
+                        raise StoreError(
+                            f"{uri}: sha256 mismatch: {source} {want}, read {got}; the object is "
+                            "corrupt or not the one referenced; re-run the step that stores it"
+                        )
         except StoreError:
-            tmp.unlink(missing_ok=True)
             raise
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise StoreError(f"{uri}: get_file to {dest} failed: {exc.strerror or exc}") from exc
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return dest
 
     def exists(self, key: str) -> bool:
@@ -270,21 +240,23 @@ class LocalStore(JsonOverBytes):
     def put_bytes(self, data: bytes, key: str, *, exclusive: bool = False) -> ArtifactRef:
         dest = self._path(key)
         uri = self.uri_for(key)
-        tmp = _tmp_name(dest)
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            if not _publish(tmp, dest, exclusive=exclusive):
+            try:
+                with atomic_output(dest, tmp=_tmp_name(dest), exclusive=exclusive) as tmp:
+                    with open(tmp, "xb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+            except FileExistsError:
+                if not exclusive:
+                    raise
+                # another writer was first: its object stands
                 ref = self.stat(key)
                 assert ref is not None
                 return ref
             sha256 = hashlib.sha256(data).hexdigest()
             self._write_meta(key, sha256, len(data))
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise StoreError(f"{uri}: put_bytes failed: {exc.strerror or exc}") from exc
         return ArtifactRef(uri=uri, sha256=sha256, size=len(data))
 

@@ -29,6 +29,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from qatgguf.errors import StoreError
+from qatgguf.files import atomic_output, sha256_file
 from qatgguf.store.base import (
     ArtifactRef,
     HashingReader,
@@ -37,7 +38,6 @@ from qatgguf.store.base import (
     ProgressCallback,
     S3Credentials,
     check_sha256,
-    sha256_file,
     validate_key,
     validate_prefix,
 )
@@ -377,40 +377,32 @@ class S3Store(JsonOverBytes):
         dest = Path(dest)
         if dest.is_dir():
             dest = dest / key.rsplit("/", 1)[-1]
-        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "xb") as f:
-                sink = _HashingWriter(f, md5=md5 is not None)
-                self.client.download_fileobj(
-                    self.bucket, self._full(key), sink, Config=self._transfer
-                )
-                f.flush()
-                os.fsync(f.fileno())
-            got = sink.hash.hexdigest()
-            if md5 is not None and sink.md5 is not None and sink.md5.hexdigest() != md5:
-                raise StoreError(f"{uri}: MD5 {sink.md5.hexdigest()} differs from the ETag {md5}; the "
-                                 "download is corrupt: retry")
-            for want, source in ((sha256, "expected"), (stored, "stored")):
-                if want is not None and got != want:
-                    raise StoreError(
-                        f"{uri}: sha256 mismatch: {source} {want}, downloaded {got}; the "
-                        "object is corrupt or not the one referenced; re-run the step that "
-                        "stores it"
+            with atomic_output(dest, tmp=dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")) as tmp:
+                with open(tmp, "xb") as f:
+                    sink = _HashingWriter(f, md5=md5 is not None)
+                    self.client.download_fileobj(
+                        self.bucket, self._full(key), sink, Config=self._transfer
                     )
-            os.replace(tmp, dest)
+                    f.flush()
+                    os.fsync(f.fileno())
+                got = sink.hash.hexdigest()
+                if md5 is not None and sink.md5 is not None and sink.md5.hexdigest() != md5:
+                    raise StoreError(f"{uri}: MD5 {sink.md5.hexdigest()} differs from the ETag {md5}; the "
+                                     "download is corrupt: retry")
+                for want, source in ((sha256, "expected"), (stored, "stored")):
+                    if want is not None and got != want:
+                        raise StoreError(
+                            f"{uri}: sha256 mismatch: {source} {want}, downloaded {got}; the "
+                            "object is corrupt or not the one referenced; re-run the step that "
+                            "stores it"
+                        )
         except StoreError:
-            tmp.unlink(missing_ok=True)
             raise
         except (ClientError, BotoCoreError, Boto3Error) as exc:
-            tmp.unlink(missing_ok=True)
             raise self._error(exc, op="get_file", key=key) from None
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise StoreError(f"{uri}: get_file to {dest} failed: {exc.strerror or exc}") from exc
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return dest
 
     def exists(self, key: str) -> bool:

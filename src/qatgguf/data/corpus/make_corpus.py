@@ -21,6 +21,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from qatgguf.files import atomic_output
+
 # Reference chapters of the Python Language Reference, in this order (pydoc_data.topics keys).
 PROSE_TOPICS: tuple[str, ...] = (
     "execmodel",
@@ -93,7 +95,7 @@ LANGUAGES: tuple[tuple[str, str], ...] = (
     ("he", "Hebrew"),
 )
 BLOCK_CHARS = 3000  # interleave sources in blocks so every chunk range sees a mix
-TURN = "<|turn>{role}\n{text}<turn|>\n"  # ref: gemma-4-facts.md (Gemma 4 turn format)
+TURN = "<|turn>{role}\n{text}<turn|>\n"  # ref: llama.cpp common/parsers/gemma4.cpp (the turn markers)
 
 
 def _po_unquote(lines: list[str]) -> str:
@@ -175,9 +177,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("default.txt"))
     a = ap.parse_args()
     text = build(a.sphinx_wheel)
-    tmp = a.out.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(a.out)
+    with atomic_output(a.out) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     data = a.out.read_bytes()
     print(
         f"{a.out}: {len(data)} bytes, {len(text)} chars, sha256 {hashlib.sha256(data).hexdigest()}"

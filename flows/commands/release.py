@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # the core's log lines go to each task's log in the Prefect UI
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "qatgguf")
-    from flows.release import load_config, run_release
+    from qatgguf.flows.release import load_config, run_release
 
     cfg = load_config(args.config)  # validate before starting anything
     api_url, release_id, state = run_release(
@@ -49,11 +49,9 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(f"Release {release_id} of {cfg.family}: {state.name}")
     if result and result.get("rows"):
-        print(f"{'model':<10} {'method':<12} {'size MB':>9} {'mean KLD':>10} {'99.9% KLD':>10} {'top-1 %':>8} "
-              f"{'PPL':>9}  gate")
-        for r in result["rows"]:
-            print(f"{r['model']:<10} {r['method']:<12} {r['size_MB']:>9.3f} {r['mean_KLD']:>10.5f} "
-                  f"{r['KLD_99.9%']:>10.4f} {r['top1_%']:>8.2f} {r['PPL']:>9.3f}  {r['gate']}")
+        from qatgguf.release import format_release_rows
+
+        print(format_release_rows(result["rows"]), end="")
     for table in (result or {}).get("tables", []):
         print()
         print(f"{table['title']}:")
@@ -84,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 def _from_manifest(cfg, release_id: str) -> dict | None:
     """The summary of a failed release, from its manifest (always written)."""
     from qatgguf.errors import StoreError
-    from qatgguf.release import release_rows, release_tables
+    from qatgguf.release import release_result
     from qatgguf.store import open_store
 
     store = open_store(cfg.resolved(Path.cwd()).store.url, endpoint_url=cfg.store.endpoint_url)
@@ -96,12 +94,8 @@ def _from_manifest(cfg, release_id: str) -> dict | None:
         manifest = store.get_json(ref.uri)
     except StoreError:
         return None
-    models = manifest["models"]
-    return {"release_id": release_id, "manifest": ref.uri, "rows": release_rows(models), "models": models,
-            "tables": [{"title": t.title, "markdown": t.markdown()}
-                       for t in release_tables(cfg.resolved(Path.cwd()), models)],
-            "gate_failed": [f"{m}/{r}" for m, s in models.items() for r, g in s["gates"].items() if not g["passed"]],
-            "failed": [f"{m}: {s['error']}" for m, s in models.items() if s["status"] == "failed"]}
+    return release_result(cfg.resolved(Path.cwd()), release_id=release_id, manifest_uri=ref.uri,
+                          summary=manifest["models"])
 
 
 def _store_path(url: str) -> str:

@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "qatgguf")
-    from flows.nightly import run_nightly
+    from qatgguf.flows.nightly import run_nightly
 
     api_url, state = run_nightly(args.config, models=args.models)
     result = state.result(raise_on_failure=False) if state.is_completed() else None
