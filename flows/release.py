@@ -208,12 +208,14 @@ def _collect(run: ModelRun) -> dict:
             out["plans"]["mmproj"] = {"key": run.plan.mmproj.key, "sha256": run.plan.mmproj.ref.sha256}
     gates = {r: v for r, f in run.gates.items() if (v := _outcome(r, f)[1]) is not None}
     out["gates"] = gates
-    published = _outcome("publish", run.publish)[1] if run.publish is not None else None
+    publish_state, published, _ = _outcome("publish", run.publish) if run.publish is not None else ("not run", None, None)
     out["published"] = published
     if first_error:
         out.update(status="failed", error=first_error)
     elif published and published.get("published"):
         out["status"] = "published"
+    elif publish_state == "not run":
+        out["status"] = "not published"  # another checkpoint of the model failed: the caller says which
     else:
         out["status"] = "not published (gate failed)"
     return out
@@ -310,7 +312,7 @@ def run_models(cfg: ReleaseConfig, ctx: core.ReleaseContext, settings: EvalConfi
     for name, s in summary.items():
         run = runs[name]
         s["model"] = run.owner
-        if run.owner == name and run.publish is None and s["status"] != "failed":
+        if run.owner == name and s["status"] == "not published":
             # not published because another checkpoint of the model failed
             other = next((f"{n}: {x['error']}" for n, x in summary.items()
                           if runs[n].owner == name and x["status"] == "failed"), "a checkpoint was not planned")

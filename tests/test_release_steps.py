@@ -142,3 +142,31 @@ def test_a_failed_gate_publishes_nothing_and_says_why(built):
     assert ok["passed"], ok["reasons"]
     published = core.publish_model(ctx, cfg, model, {"q4_0": files["q4_0"]}, {"q4_0": ok})
     assert published["published"] and (root / "hub" / "org" / "m-GGUF" / "m-Q4_0.gguf").exists()
+
+
+def test_grid_auto_recipe_assembles_under_the_file_limit(tmp_path, tiny_family):
+    """UD-Q2_K_XL on the mobile E2B: the types of its grid: auto tensors are decided in the
+    shard tasks, and assembly under the publish target's per-file limit (always set by a
+    release) sizes the header before it reads them."""
+    from qatgguf.config import HUB_FILE_LIMIT
+    from qatgguf.convert import convert
+
+    raw = {"version": 1, "family": "t", "recipes": ["UD-Q2_K_XL"],
+           "models": [{"name": "E2B-mobile", "source": str(tiny_family["E2B-mobile"]), "repo": "org/m-GGUF",
+                       "file_prefix": "m"}],
+           "store": {"url": str(tmp_path / "store")}, "publish": {"target": "local", "local_root": str(tmp_path / "h")}}
+    cfg = parse_release_config(raw)
+    model = cfg.models[0]
+    ctx = core.ReleaseContext("t", "r1", cfg.store.url, split_max_size=HUB_FILE_LIMIT)
+    plan = core.plan_model(ctx, model, ("bf16", "UD-Q2_K_XL"), source=model.source, base_recipe="bf16",
+                           settings=EvalConfig(ctx=128, chunks=4, batch=128), n_parts=2)
+    shards = [core.quantize_shard(ctx, model.name, plan.plan_refs, i) for i in range(plan.n_shards)]
+    out = core.assemble_gguf(ctx, model, "UD-Q2_K_XL", plan.plan_refs["UD-Q2_K_XL"], shards)
+    assert out.types.get("TQ2_0", 0) > 0 and len(out.files) == 1
+    # the same bytes as the one-process converter writes
+    from qatgguf.release.context import fetch_gguf
+    from qatgguf.resources import StepStats
+
+    local = fetch_gguf(ctx.store(), out, tmp_path / "got", StepStats())
+    ref = convert(tiny_family["E2B-mobile"], tmp_path / "ref" / local.name, recipe="UD-Q2_K_XL")[0]
+    assert local.read_bytes() == ref.read_bytes()

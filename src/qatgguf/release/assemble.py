@@ -53,7 +53,10 @@ def split_limit(plan, max_file: int | None) -> int | None:
         return None
     from qatgguf.gguf.writer import header_nbytes
 
-    reserve = header_nbytes(plan.kvs, plan.tensor_infos())
+    # a tensor's entry in the header has the same size whatever its type (a u32), so a
+    # grid: auto tensor, typed only once its shard task ran, counts with any type it may take
+    jobs = plan.tensors
+    reserve = header_nbytes(plan.kvs, plan.tensor_infos({n: jobs[n].allowed[0] for n in plan.auto_tensors}))
     if reserve >= max_file:
         raise ConfigError(f"publish.split_max_size {max_file} is below the GGUF header's {reserve} bytes; raise it")
     return max_file - reserve
