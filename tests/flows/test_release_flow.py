@@ -77,6 +77,23 @@ def test_release_dense_and_moe(tmp_path, tiny_family, prefect_server, local_ray)
     assert all(r.state.is_completed() for r in runs), [(r.name, r.state.name) for r in runs if not r.state.is_completed()]
 
 
+def test_release_a_model_with_its_mobile_variant(tmp_path, tiny_family, prefect_server, local_ray):
+    """E2B and its mobile mixture in one repo: the variant's UD-Q2_K_XL (grid: auto, types
+    decided in the shard tasks) assembles under the Hub's per-file limit and goes out in
+    the model's commit, with the mobile table on the card."""
+    from qatgguf.flows.release import release
+
+    state = release(config=str(_config(tmp_path)), models=["E2B"], return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert {m: s["status"] for m, s in result["models"].items()} == {"E2B": "published", "E2B-mobile": "published"}
+    repo = tmp_path / "hub" / "qatgguf-tiny" / "gemma-4-E2B-it-qat-GGUF"
+    files = sorted(p.name for p in repo.iterdir())
+    assert {"gemma-4-E2B-it-qat-UD-Q4_K_XL.gguf", "gemma-4-E2B-it-qat-UD-Q2_K_XL.gguf", "mmproj-BF16.gguf"} <= set(files)
+    card = (repo / "README.md").read_text()
+    assert "| 2-bit (TQ2_0) tensors |" in card and "E2B mobile" in card
+
+
 def test_one_failing_model_does_not_stop_the_others(tmp_path, tiny_family, prefect_server, local_ray):
     """A corrupt shard in one model: the other model publishes, the manifest records both
     (failed with the task and error, published), and the flow run fails naming them."""
