@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.logging.handlers import APILogHandler
 
 from qatgguf import release as core
 from qatgguf.config import EvalConfig, GateConfig, ModelConfig, ReleaseConfig
@@ -28,7 +29,10 @@ R = TypeVar("R")
 
 
 def _on_node(result: R) -> R:
-    """Record the Ray node that ran the step in its stats (for the release manifest)."""
+    """Record the Ray node that ran the step in its stats (for the release manifest), and
+    send the step's log lines to the Prefect API before the task returns: Prefect's log
+    worker sends them in the background, and a Ray worker stopped before it does (the
+    driver exits, a node goes away) would take them with it."""
     stats = getattr(result, "stats", None)
     if stats is not None:
         try:
@@ -38,12 +42,13 @@ def _on_node(result: R) -> R:
                 stats.host = f"{stats.host}/{ray.get_runtime_context().get_node_id()[:12]}"
         except Exception:  # noqa: BLE001 - outside a Ray worker the host name stands
             pass
+    APILogHandler().flush()
     return result
 
 
 @task(name="prepare-source", task_run_name="source-{model.name}", retries=1, **_common)
 def prepare_source(ctx: core.ReleaseContext, model: ModelConfig) -> str:
-    return core.prepare_source(ctx, model)
+    return _on_node(core.prepare_source(ctx, model))
 
 
 @task(name="plan-model", task_run_name="plan-{model.name}", retries=1, **_common)
@@ -98,19 +103,20 @@ def evaluate_range(ctx: core.ReleaseContext, model: str, recipe: str, quant: cor
 @task(name="merge-eval", task_run_name="merge-eval-{model}-{recipe}", **_common)
 def merge_eval(ctx: core.ReleaseContext, model: str, recipe: str, ranges: Sequence[core.RangeOutput],
                quant: core.GGUFOutput, records: core.BaseRecordsRef, n_parts: int) -> dict:
-    return core.merge_eval(ctx, model=model, recipe=recipe, ranges=ranges, quant=quant, records=records,
-                           n_parts=n_parts)
+    return _on_node(core.merge_eval(ctx, model=model, recipe=recipe, ranges=ranges, quant=quant, records=records,
+                                    n_parts=n_parts))
 
 
 @task(name="gate", task_run_name="gate-{model}-{recipe}", **_common)
 def gate(ctx: core.ReleaseContext, model: str, recipe: str, result: dict, quant: core.GGUFOutput,
          thresholds: GateConfig, naive_result: dict | None = None, naive: core.GGUFOutput | None = None) -> dict:
-    return core.gate(ctx, model=model, recipe=recipe, result=result, quant=quant, thresholds=thresholds,
-                     naive_result=naive_result, naive=naive)
+    return _on_node(core.gate(ctx, model=model, recipe=recipe, result=result, quant=quant, thresholds=thresholds,
+                              naive_result=naive_result, naive=naive))
 
 
 @task(name="publish", task_run_name="publish-{model.name}", retries=2, retry_delay_seconds=5, **_common)
 def publish(ctx: core.ReleaseContext, cfg: ReleaseConfig, model: ModelConfig, files: dict[str, core.GGUFOutput],
             gates: dict[str, dict], mmproj: core.GGUFOutput | None = None, base: core.GGUFOutput | None = None,
             variants: dict[str, dict] | None = None) -> dict:
-    return core.publish_model(ctx, cfg, model, files, gates, mmproj=mmproj, base=base, variants=variants or {})
+    return _on_node(core.publish_model(ctx, cfg, model, files, gates, mmproj=mmproj, base=base,
+                                       variants=variants or {}))
