@@ -277,7 +277,9 @@ def test_collection_created_once_in_size_order_updated_in_place(
     from hub_gguf import write_tiny_gguf
 
     pub = _pub(fake_hub)
-    sizes = {"acme/big-GGUF": 64 * 1024, "acme/small-GGUF": 4 * 1024, "acme/mid-GGUF": 16 * 1024}
+    # two repos of equal size: ordered by name, whichever published first
+    sizes = {"acme/big-GGUF": 64 * 1024, "acme/small-GGUF": 4 * 1024, "acme/mid-GGUF": 16 * 1024,
+             "acme/also-mid-GGUF": 16 * 1024}
     slugs = set()
     for round_ in (1, 2):
         for repo, n in sizes.items():
@@ -292,6 +294,6 @@ def test_collection_created_once_in_size_order_updated_in_place(
             ref = pub.add_to_collection(ref, repo)
             slugs.add(ref.slug)
     assert len(slugs) == 1 and len(fake_hub.hub.collections) == 1
-    assert ref.items == ("acme/small-GGUF", "acme/mid-GGUF", "acme/big-GGUF")
+    assert ref.items == ("acme/small-GGUF", "acme/also-mid-GGUF", "acme/mid-GGUF", "acme/big-GGUF")
     methods = {m for m, p in fake_hub.hub.requests if p.startswith("/api/collections")}
     assert "DELETE" not in methods and "PATCH" in methods  # moved in place, never re-made

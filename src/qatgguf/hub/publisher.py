@@ -467,7 +467,9 @@ class HubPublisher:
             c = self._api.get_collection(slug)
             items = sorted(c.items, key=lambda it: it.position)
             models = [it for it in items if it.item_type == "model"]
-            want = sorted(models, key=lambda it: self._repo_size(it.item_id))
+            # ties (two sizes with equal files) by name, so the order does not depend on
+            # which model happened to publish first
+            want = sorted(models, key=lambda it: (self._repo_size(it.item_id), it.item_id))
             order = [it.item_object_id for it in items]
             for i, it in enumerate(want):
                 if order[i] != it.item_object_id:
