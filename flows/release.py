@@ -208,7 +208,8 @@ def _collect(run: ModelRun) -> dict:
             out["plans"]["mmproj"] = {"key": run.plan.mmproj.key, "sha256": run.plan.mmproj.ref.sha256}
     gates = {r: v for r, f in run.gates.items() if (v := _outcome(r, f)[1]) is not None}
     out["gates"] = gates
-    publish_state, published, _ = _outcome("publish", run.publish) if run.publish is not None else ("not run", None, None)
+    publish_state, published, _ = (_outcome("publish", run.publish) if run.publish is not None
+                                   else ("not run", None, None))
     out["published"] = published
     if first_error:
         out.update(status="failed", error=first_error)

@@ -170,8 +170,9 @@ def test_the_cluster_holds_the_largest_task_of_the_real_family():
         store = int(g["rayStartParams"].get("object-store-memory", 0.3 * _gib(c["resources"]["limits"]["memory"])))
         offers[g["groupName"]] = _gib(c["resources"]["limits"]["memory"]) - store - 2**30
     # BF16 checkpoint sizes of the real family as listed on the Hub: 26B-A4B 50.5 GB, 31B 61.4 GB
-    need = {size: eval_budget(gguf_bytes=int(gb * 1e9), n_ctx=cfg.eval.ctx, n_seq=max(1, cfg.eval.batch // cfg.eval.ctx),
-                              n_vocab=262144, records_bytes=0, chunks=cfg.eval.chunks).memory
+    n_seq = max(1, cfg.eval.batch // cfg.eval.ctx)
+    need = {size: eval_budget(gguf_bytes=int(gb * 1e9), n_ctx=cfg.eval.ctx, n_seq=n_seq, n_vocab=262144,
+                              records_bytes=0, chunks=cfg.eval.chunks).memory
             for size, gb in {"26B-A4B": 50.5, "31B": 61.4}.items()}
     assert max(offers.values()) >= need["31B"], (offers, need)
     assert offers["cpu"] >= need["26B-A4B"], (offers, need)  # the common nodes take all but the largest

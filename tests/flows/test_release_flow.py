@@ -89,7 +89,8 @@ def test_release_a_model_with_its_mobile_variant(tmp_path, tiny_family, prefect_
     assert {m: s["status"] for m, s in result["models"].items()} == {"E2B": "published", "E2B-mobile": "published"}
     repo = tmp_path / "hub" / "qatgguf-tiny" / "gemma-4-E2B-it-qat-GGUF"
     files = sorted(p.name for p in repo.iterdir())
-    assert {"gemma-4-E2B-it-qat-UD-Q4_K_XL.gguf", "gemma-4-E2B-it-qat-UD-Q2_K_XL.gguf", "mmproj-BF16.gguf"} <= set(files)
+    want = {"gemma-4-E2B-it-qat-UD-Q4_K_XL.gguf", "gemma-4-E2B-it-qat-UD-Q2_K_XL.gguf", "mmproj-BF16.gguf"}
+    assert want <= set(files)
     card = (repo / "README.md").read_text()
     assert "| 2-bit (TQ2_0) tensors |" in card and "E2B mobile" in card
 
