@@ -29,7 +29,7 @@ def _kind(task: str) -> str:
 
 
 # The flow's own fixed cost: process start, imports, the Prefect run, Ray's connection and
-# the manifest (bench/RESULTS.md: a nightly run with nothing to do takes about 3 s).
+# the manifest (tests/flows/test_nightly.py: a nightly run with nothing to do takes about 3 s).
 FLOW_FIXED_S = 3.0
 _AFTER = {  # a task of this kind starts when every task of those kinds of its model is done
     "plan": ("source",), "quantize": ("plan",), "assemble": ("quantize",), "mmproj": ("plan",),

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 
 MiB = 1024 * 1024
 # A worker process with numpy, numba, the kernels and llama.cpp's libraries loaded
-# (measured: 0.5-0.7 GiB on x86-64; see bench/RESULTS.md, "Per-task memory").
+# (measured: 0.5 GB peak for a shard task with almost nothing to convert, 0.6-0.7 GB for
+# the converter on a 31B-width checkpoint; bench/RESULTS.md, "Cluster model" and "Converter").
 PROCESS_BASE = 768 * MiB
 
 
