@@ -7,7 +7,7 @@ import hashlib
 
 import pytest
 
-from qatgguf.files import atomic_output, sha256_file, temp_name
+from qatgguf.files import atomic_output, copy_hashing, sha256_file, temp_name
 
 
 def test_atomic_output_replaces_only_when_the_block_completes(tmp_path):
@@ -45,3 +45,15 @@ def test_sha256_file(tmp_path):
     assert sha256_file(tmp_path / "empty") == (hashlib.sha256(b"").hexdigest(), 0)
     with pytest.raises(FileNotFoundError):
         sha256_file(tmp_path / "missing")
+
+
+def test_copy_hashing(tmp_path):
+    data = bytes(range(256)) * 5000
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    seen = []
+    assert copy_hashing(src, tmp_path / "dst", chunk=4096, progress=seen.append) == (
+        hashlib.sha256(data).hexdigest(), len(data))
+    assert (tmp_path / "dst").read_bytes() == data and sum(seen) == len(data)
+    with pytest.raises(FileExistsError):  # never over an existing file
+        copy_hashing(src, tmp_path / "dst")

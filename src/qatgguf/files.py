@@ -1,12 +1,13 @@
 """Writing and hashing whole files: `atomic_output` (a file appears complete or not at
-all) and `sha256_file` (the digest every content key and store reference uses)."""
+all), `sha256_file` (the digest every content key and store reference uses) and
+`copy_hashing` (a copy that yields the same digest on the way)."""
 
 from __future__ import annotations
 
 import hashlib
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,4 +62,23 @@ def sha256_file(path: str | os.PathLike[str], *, chunk: int = 1 << 24) -> tuple[
                     h.update(view[o : o + chunk])
             finally:
                 view.release()
+    return h.hexdigest(), size
+
+
+def copy_hashing(src: str | os.PathLike[str], dest: str | os.PathLike[str], *, chunk: int = 1 << 23,
+                 progress: Callable[[int], None] | None = None) -> tuple[str, int]:
+    """Copy `src` to the new file `dest` (it must not exist) and flush it to disk; returns
+    the (sha256 hex digest, size) of what was written, from the same pass. `progress`
+    gets each chunk's byte count. Raises OSError (FileExistsError when `dest` exists)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(src, "rb") as fin, open(dest, "xb") as fout:
+        while data := fin.read(chunk):
+            h.update(data)
+            fout.write(data)
+            size += len(data)
+            if progress is not None:
+                progress(len(data))
+        fout.flush()
+        os.fsync(fout.fileno())
     return h.hexdigest(), size

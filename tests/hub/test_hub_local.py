@@ -92,10 +92,10 @@ def test_failed_publish_keeps_the_previous_one(
     repo = pub.repo_dir(REPO)
     before = {p.name: _sha(p) for p in repo.iterdir()}
 
-    def no_space(src: Path, dest: Path) -> str:
+    def no_space(src: Path, dest: Path, **_kw) -> tuple[str, int]:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(local_mod, "_copy_hashing", no_space)
+    monkeypatch.setattr(local_mod, "copy_hashing", no_space)
     new_q4 = tmp_path / "tiny-gemma4-Q4_0.gguf"
     new_q4.write_bytes(b"new bytes")
     changed = {**gguf_files, "Q4_0": new_q4}

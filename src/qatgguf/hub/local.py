@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qatgguf.errors import PublishError
-from qatgguf.files import atomic_output
+from qatgguf.files import atomic_output, copy_hashing, sha256_file
 from qatgguf.hub.base import (
     RESERVED_PATHS,
     CollectionRef,
@@ -47,7 +47,6 @@ from qatgguf.hub.manifest import (
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 8 * 1024 * 1024
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2  # ref: linux include/uapi/linux/fs.h
 
@@ -68,14 +67,6 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _listing_commit(files: dict[str, str]) -> str:
     """The folder's "commit": a digest of its paths and contents, so an unchanged folder
     keeps its id."""
@@ -85,17 +76,6 @@ def _listing_commit(files: dict[str, str]) -> str:
 
 def _slug(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "collection"
-
-
-def _copy_hashing(src: Path, dest: Path) -> str:
-    h = hashlib.sha256()
-    with open(src, "rb") as fin, open(dest, "xb") as fout:
-        while chunk := fin.read(_CHUNK):
-            h.update(chunk)
-            fout.write(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())
-    return h.hexdigest()
 
 
 class LocalHubPublisher:
@@ -142,7 +122,7 @@ class LocalHubPublisher:
                     previous = Manifest.from_json(
                         (target / MANIFEST_PATH).read_bytes(), where=str(target)
                     )
-                digests = {name: (_hash_file(f.path), f.path.stat().st_size) for name, f in plan.items()}
+                digests = {name: (sha256_file(f.path)[0], f.path.stat().st_size) for name, f in plan.items()}
                 repo_plan, generated = plan_repo(
                     repo_id, upload, digests=digests, remote=current, previous=previous
                 )
@@ -182,7 +162,7 @@ class LocalHubPublisher:
         for p in sorted(target.rglob("*")):
             if p.is_file():
                 rel = p.relative_to(target).as_posix()
-                out[rel] = RemoteFile(rel, p.stat().st_size, _hash_file(p))
+                out[rel] = RemoteFile(rel, p.stat().st_size, sha256_file(p)[0])
         return out
 
     def _clean_leftovers(self, target: Path) -> None:
@@ -218,7 +198,7 @@ class LocalHubPublisher:
                 after[rel] = r.sha256 or ""
             for name, f in plan.items():
                 if name not in after:
-                    after[name] = _copy_hashing(f.path, stage / name)
+                    after[name] = copy_hashing(f.path, stage / name)[0]
             for name, data in generated.items():
                 (stage / name).write_bytes(data)
                 after[name] = hashlib.sha256(data).hexdigest()

@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlparse
 
 from qatgguf.errors import StoreError
-from qatgguf.files import atomic_output, sha256_file
+from qatgguf.files import atomic_output, copy_hashing, sha256_file
 from qatgguf.store.base import (
     CHUNK_SIZE,
     ArtifactRef,
@@ -52,29 +52,19 @@ def _copy_hashing(
 ) -> tuple[str | None, int]:
     """Copy `src` to a temporary name next to `dest`, hash while copying, then rename.
 
-    Returns (sha256, size); (None, size) when `exclusive` and `dest` already existed.
+    Returns (sha256, size); (None, 0) when `exclusive` and `dest` already existed.
     Nothing is left at `dest` or the temporary name on failure.
     """
-    h = hashlib.sha256()
-    size = 0
     try:
         # exclusive: a hard link, which fails when `dest` exists (the first writer wins)
         with atomic_output(dest, tmp=_tmp_name(dest), exclusive=exclusive) as tmp:
-            with open(src, "rb") as fin, open(tmp, "xb") as fout:
-                while chunk := fin.read(CHUNK_SIZE):
-                    h.update(chunk)
-                    fout.write(chunk)
-                    size += len(chunk)
-                    if progress is not None:
-                        progress(len(chunk))
-                fout.flush()
-                os.fsync(fout.fileno())
+            digest, size = copy_hashing(src, tmp, chunk=CHUNK_SIZE, progress=progress)
     except FileExistsError:
         if not exclusive:
             raise
-        return None, size
+        return None, 0
     _fsync_dir(dest.parent)
-    return h.hexdigest(), size
+    return digest, size
 
 
 class LocalStore(JsonOverBytes):
@@ -199,14 +189,7 @@ class LocalStore(JsonOverBytes):
         stored = self._read_meta(key, st)
         try:
             with atomic_output(dest, tmp=_tmp_name(dest)) as tmp:
-                h = hashlib.sha256()
-                with open(src, "rb") as fin, open(tmp, "xb") as fout:
-                    while chunk := fin.read(CHUNK_SIZE):
-                        h.update(chunk)
-                        fout.write(chunk)
-                    fout.flush()
-                    os.fsync(fout.fileno())
-                got = h.hexdigest()
+                got, _ = copy_hashing(src, tmp, chunk=CHUNK_SIZE)
                 for want, source in ((sha256, "expected"), (stored, "stored")):
                     if want is not None and got != want:
                         raise StoreError(
